@@ -1,0 +1,857 @@
+"""anyformer: every transformer variant in one readable PyTorch file.
+
+Read top to bottom in the order data flows:
+  1. Config           a frozen dataclass loaded from YAML and validated
+  2. Building blocks  norms, positions, attention, feed-forward
+  3. Block and stack  one residual Block; the per-layer layout is data (layer_types)
+  4. Model and heads  Transformer: embeddings -> blocks -> final norm -> LM head
+  5. Inference        static KV cache, sampling filters, generate()
+  6. Import           checkpoints (ours) and HF-format directories
+
+Shape legend: B batch, T time (new tokens), C d_model, nh query heads, nkv kv heads,
+hs head size, S cache slots, V vocab, F feed-forward width.
+"""
+import dataclasses
+import difflib
+import json
+import math
+import os
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Union, get_args, get_origin
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# ----------------------------------------------------------------------------------------------
+# 1. Config
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every architectural choice. Unknown keys and bad values raise a one-line ValueError."""
+
+    architecture: str = "decoder_only"  # a key of ARCHITECTURES
+    # sizes
+    vocab_size: int = 50304
+    block_size: int = 1024            # longest sequence the model is meant to see
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None      # None -> n_head (MHA); 1 -> MQA; otherwise GQA
+    d_model: int = 768
+    head_dim: int | None = None       # None -> d_model // n_head (Qwen3/Gemma set it freely)
+    d_ff: int | None = None           # None -> 4*d_model (mlp) or 8/3*d_model rounded to 64 (glu)
+    # norms
+    norm: str = "layernorm"           # a key of NORMS
+    norm_eps: float = 1e-5
+    norm_unit_offset: bool = False    # RMSNorm scales by (1 + w), w starting at 0 (Gemma)
+    norm_bias: bool = True            # LayerNorm has a bias
+    norm_placement: str = "pre"       # pre | post (original Transformer, BERT) | sandwich (Gemma 2/3)
+    final_norm: bool = True           # a norm after the last block
+    # positions
+    position: str = "learned"         # a key of POSITIONS
+    rope_theta: float = 10000.0
+    rope_local_theta: float | None = None  # base for sliding-window layers (Gemma 3); None -> rope_theta
+    rope_scaling: str = "none"        # a key of ROPE_SCALINGS; applies to global layers only
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0      # llama3 scaling band edges
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192      # context the RoPE was trained at (llama3, dynamic)
+    rope_fraction: float = 1.0        # rotate only the first fraction of each head (partial RoPE)
+    # attention
+    layer_pattern: tuple = ("attn",)  # keys of MIXERS tiled over the layers, e.g. 5 x local_attn + attn
+    sliding_window: int | None = None  # keys a local_attn query sees, itself included
+    qk_norm: bool = False             # normalise q and k per head before RoPE (Qwen3, Gemma 3)
+    attn_scale: float | None = None   # None -> head_dim**-0.5 (Gemma: query_pre_attn_scalar**-0.5)
+    attn_softcap: float | None = None  # scores -> cap*tanh(scores/cap) (Gemma 2)
+    bias: bool = True                 # biases on attention and feed-forward projections
+    # feed-forward
+    ffn: str = "mlp"                  # a key of FFNS
+    activation: str = "gelu"          # a key of ACTIVATIONS
+    # embeddings and head
+    tie_embeddings: bool = True
+    embed_scale: float | None = None  # multiply token embeddings (Gemma: sqrt(d_model))
+    final_softcap: float | None = None  # logits -> cap*tanh(logits/cap) (Gemma 2)
+    # regularisation, init, memory
+    dropout: float = 0.0
+    drop_path: float = 0.0            # stochastic depth rate of every residual branch
+    init_std: float = 0.02
+    scaled_residual_init: bool = True  # output projections drawn with std/sqrt(2*n_layer) (GPT-2)
+    grad_checkpoint: bool = False     # recompute each block's activations in backward
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, check_type(f.name, getattr(self, f.name), f.type))
+        for key, registry in [("architecture", ARCHITECTURES), ("norm", NORMS), ("position", POSITIONS),
+                              ("rope_scaling", ROPE_SCALINGS), ("ffn", FFNS), ("activation", ACTIVATIONS),
+                              ("norm_placement", PLACEMENTS)]:
+            check_choice(key, getattr(self, key), registry)
+        for t in self.layer_pattern:
+            check_choice("layer_pattern entry", t, MIXERS)
+        for key in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be a positive integer")
+        if self.head_dim is None and self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head} "
+                             f"(or set head_dim explicitly)")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head} "
+                             f"(each kv head serves a whole group of query heads)")
+        if self.position == "rope" and self.rope_dim % 2:
+            raise ValueError(f"RoPE needs an even number of rotated channels, got {self.rope_dim} "
+                             f"(head_dim={self.hs}, rope_fraction={self.rope_fraction}); use an even head_dim")
+        if "local_attn" in self.layer_pattern and not self.sliding_window:
+            raise ValueError("layer_pattern has local_attn layers but sliding_window is not set; "
+                             "set sliding_window to the number of keys each query sees")
+        for key in ("dropout", "drop_path"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be in [0, 1)")
+
+    # derived values are properties, never overwritten fields
+    @property
+    def hs(self) -> int:
+        return self.head_dim or self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        return 4 * self.d_model if self.ffn == "mlp" else 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+    @property
+    def rope_dim(self) -> int:
+        return int(self.hs * self.rope_fraction)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Config":
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in raw:
+            check_choice("config key", key, names)
+        return cls(**raw)
+
+    @classmethod
+    def from_yaml(cls, path, **overrides) -> "Config":
+        import yaml  # lazy: model.py imports only torch at module level
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        return cls.from_dict({**raw, **overrides})
+
+
+def check_choice(what, value, allowed):
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{what}={value!r} is not one of {sorted(allowed)}{hint}")
+
+
+def check_type(name, value, tp):
+    """Return value converted to the field type tp (int -> float, list -> tuple), or raise."""
+    allowed = get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
+    if value is None and type(None) in allowed:
+        return value
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tuple in allowed and isinstance(value, list):
+        return tuple(value)
+    if any(isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in allowed if t is not type(None)):
+        return value
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    raise ValueError(f"config key {name}={value!r} must be {names}")
+
+
+def layer_types(cfg: Config) -> list:
+    """Per-layer mixer names: layer_pattern tiled over n_layer (Gemma 3: 5 local_attn, 1 attn)."""
+    p = cfg.layer_pattern
+    return [p[i % len(p)] for i in range(cfg.n_layer)]
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Building blocks: norms
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467), computed in fp32. unit_offset: Gemma's (1+w)."""
+
+    def __init__(self, dim, eps, unit_offset=False):
+        super().__init__()
+        self.eps, self.unit_offset = eps, unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+
+    def forward(self, x):
+        if self.unit_offset:  # Gemma: scale in fp32, then cast
+            return F.rms_norm(x.float(), x.shape[-1:], 1.0 + self.weight.float(), self.eps).type_as(x)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], None, self.eps).type_as(x)  # Llama
+
+
+NORMS = {  # (dim, cfg) -> module
+    "layernorm": lambda dim, cfg: nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias),  # arXiv:1607.06450
+    "rmsnorm": lambda dim, cfg: RMSNorm(dim, cfg.norm_eps, cfg.norm_unit_offset),
+}
+PLACEMENTS = ("pre", "post", "sandwich")
+
+# ----------------------------------------------------------------------------------------------
+# 2. Building blocks: positions
+
+
+def sinusoidal_table(n_pos, dim):
+    """The fixed sin/cos table of "Attention Is All You Need" (arXiv:1706.03762): sin on even channels."""
+    pos = torch.arange(n_pos, dtype=torch.float32)[:, None]                              # (P, 1)
+    inv = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(n_pos, dim)
+    table[:, 0::2], table[:, 1::2] = torch.sin(pos * inv), torch.cos(pos * inv)
+    return table                                                                          # (P, C)
+
+
+POSITIONS = ("learned", "sinusoidal", "rope", "none")  # absolute ones are added to the embeddings
+
+
+def rope_linear(inv, cfg, seq_len):  # position interpolation (Chen et al. 2023, arXiv:2306.15595)
+    return inv / cfg.rope_factor
+
+
+def rope_dynamic(inv, cfg, seq_len):  # NTK-aware: raise the base once the call outgrows the context
+    if seq_len <= cfg.rope_original_max_len:
+        return inv
+    d = cfg.rope_dim
+    grow = (cfg.rope_factor * seq_len / cfg.rope_original_max_len - (cfg.rope_factor - 1)) ** (d / (d - 2))
+    return inv / grow ** (torch.arange(0, d, 2, dtype=torch.float32, device=inv.device) / d)
+
+
+def rope_llama3(inv, cfg, seq_len):  # Llama 3.1: slow down only the low-frequency band
+    wavelen = 2 * math.pi / inv
+    lo_wl = cfg.rope_original_max_len / cfg.rope_low_freq_factor
+    hi_wl = cfg.rope_original_max_len / cfg.rope_high_freq_factor
+    s = (cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor) / (
+        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+    mid = (1 - s) * inv / cfg.rope_factor + s * inv
+    return torch.where(wavelen > lo_wl, inv / cfg.rope_factor, torch.where(wavelen < hi_wl, inv, mid))
+
+
+ROPE_SCALINGS = {"none": lambda inv, cfg, seq_len: inv, "linear": rope_linear,
+                 "dynamic": rope_dynamic, "llama3": rope_llama3}
+
+
+class Rotary(nn.Module):
+    """RoPE (Su et al. 2021, arXiv:2104.09864), HF's split-halves form: channel i pairs with i + d/2."""
+
+    def __init__(self, cfg, theta, scaling):
+        super().__init__()
+        self.cfg, self.scale = cfg, ROPE_SCALINGS[scaling]
+        inv = theta ** -(torch.arange(0, cfg.rope_dim, 2, dtype=torch.float32) / cfg.rope_dim)
+        self.register_buffer("inv_freq", inv, persistent=False)                        # (rd/2,)
+
+    def forward(self, pos):                                                              # pos: (T,)
+        inv = self.scale(self.inv_freq, self.cfg, int(pos.max()) + 1)
+        f = pos.float()[:, None] * inv                                                   # (T, rd/2)
+        f = torch.cat((f, f), dim=-1)                                                    # (T, rd)
+        return f.cos(), f.sin()
+
+
+def apply_rope(x, cos, sin):                         # x: (B, nh, T, hs); cos, sin: (T, rd)
+    rd = cos.shape[-1]
+    rot, rest = x[..., :rd], x[..., rd:]             # partial RoPE rotates the first rd channels
+    half = rot.shape[-1] // 2
+    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)  # rotate_half
+    return torch.cat(((rot * cos + rotated * sin).type_as(x), rest), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Building blocks: attention
+
+
+class Context(NamedTuple):
+    """What every layer of one type needs to know about the current call, built once per forward."""
+    pos: torch.Tensor        # (T,) absolute positions of the new tokens
+    rope: tuple | None       # (cos, sin), each (T, rd), or None without RoPE
+    mask: torch.Tensor | None  # (T, S) or (T, T) bool, True = attend; None = plain causal
+    use_cache: bool          # attend over the cache slots (decode) instead of the new keys (prefill)
+
+
+def attend(q, k, v, mask, scale, softcap, dropout):
+    """softmax(q·kᵀ·scale [softcap] + mask)·v. q: (B, nh, T, hs); k, v: (B, nkv, S, hs)."""
+    if softcap is None:  # torch's fused kernels (flash on GPU where the mask allows)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                              is_causal=mask is None, scale=scale, enable_gqa=True)
+    g = q.shape[1] // k.shape[1]                     # repeat_kv: kv head h serves q heads h*g..h*g+g-1
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    s = (q @ k.transpose(-2, -1)) * scale            # (B, nh, T, S)
+    s = softcap * torch.tanh(s / softcap)
+    if mask is None:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    s = s.masked_fill(~mask, torch.finfo(s.dtype).min)
+    p = F.dropout(F.softmax(s.float(), dim=-1).type_as(q), dropout)
+    return p @ v                                     # (B, nh, T, hs)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (arXiv:1706.03762) with GQA/MQA (arXiv:2305.13245), QK-norm,
+    softcap and sliding window (Mistral, arXiv:2310.06825) chosen by the config."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.nh, self.nkv, self.hs = cfg.n_head, cfg.kv_heads, cfg.hs
+        self.q_proj = nn.Linear(cfg.d_model, self.nh * self.hs, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.d_model, self.nkv * self.hs, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.d_model, self.nkv * self.hs, bias=cfg.bias)
+        self.o_proj = nn.Linear(self.nh * self.hs, cfg.d_model, bias=cfg.bias)
+        self.q_norm = NORMS[cfg.norm](self.hs, cfg) if cfg.qk_norm else nn.Identity()
+        self.k_norm = NORMS[cfg.norm](self.hs, cfg) if cfg.qk_norm else nn.Identity()
+        self.scale = cfg.attn_scale or self.hs ** -0.5
+        self.softcap, self.dropout = cfg.attn_softcap, cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, ctx: Context, cache=None):                       # x: (B, T, C)
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.nh, self.hs)).transpose(1, 2)   # (B, nh, T, hs)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.nkv, self.hs)).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)               # (B, nkv, T, hs)
+        if ctx.rope is not None:
+            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+        if cache is not None:
+            k_all, v_all = cache.update(ctx.pos, k, v)                    # (B, nkv, S, hs)
+            if ctx.use_cache:
+                k, v = k_all, v_all
+        y = attend(q, k, v, ctx.mask, self.scale, self.softcap, self.dropout if self.training else 0.0)
+        return self.resid_drop(self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs)))
+
+
+MIXERS = {"attn": Attention, "local_attn": Attention}  # local_attn: the same layer, a windowed mask
+
+# ----------------------------------------------------------------------------------------------
+# 2. Building blocks: feed-forward
+
+ACTIVATIONS = {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "relu": nn.ReLU(), "silu": nn.SiLU()}
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: down(act(up(x)))."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
+        self.down = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.bias)
+        self.act, self.drop = ACTIVATIONS[cfg.activation], nn.Dropout(cfg.dropout)
+
+    def forward(self, x):                                            # (B, T, C)
+        return self.drop(self.down(self.act(self.up(x))))
+
+
+class GLU(nn.Module):
+    """Gated linear unit FFN (Shazeer 2020, arXiv:2002.05202): silu -> SwiGLU, gelu_tanh -> GeGLU."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.gate = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
+        self.up = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
+        self.down = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.bias)
+        self.act, self.drop = ACTIVATIONS[cfg.activation], nn.Dropout(cfg.dropout)
+
+    def forward(self, x):                                            # (B, T, C)
+        return self.drop(self.down(self.act(self.gate(x)) * self.up(x)))
+
+
+FFNS = {"mlp": MLP, "glu": GLU}
+
+# ----------------------------------------------------------------------------------------------
+# 3. Block and stack
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016, arXiv:1603.09382): drop a whole residual branch per sample."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):                                            # (B, T, C)
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= self.p
+        return x * keep / (1 - self.p)
+
+
+class Block(nn.Module):
+    """One residual block: token mixer then FFN, with pre-, post- or sandwich norms.
+
+        pre:       x + mixer(norm(x))              post:  norm(x + mixer(x))
+        sandwich:  x + post_norm(mixer(norm(x)))
+    """
+
+    def __init__(self, cfg: Config, layer_type: str):
+        super().__init__()
+        make_norm = lambda: NORMS[cfg.norm](cfg.d_model, cfg)  # noqa: E731
+        self.post_ln = cfg.norm_placement == "post"
+        self.norm_1, self.norm_2 = make_norm(), make_norm()
+        sandwich = cfg.norm_placement == "sandwich"
+        self.post_norm_1 = make_norm() if sandwich else nn.Identity()
+        self.post_norm_2 = make_norm() if sandwich else nn.Identity()
+        self.mixer = MIXERS[layer_type](cfg)
+        self.ffn = FFNS[cfg.ffn](cfg)
+        self.drop_path = DropPath(cfg.drop_path)
+
+    def forward(self, x, ctx: Context, cache=None):                  # x: (B, T, C)
+        if self.post_ln:
+            x = self.norm_1(x + self.drop_path(self.mixer(x, ctx, cache)))
+            return self.norm_2(x + self.drop_path(self.ffn(x)))
+        x = x + self.drop_path(self.post_norm_1(self.mixer(self.norm_1(x), ctx, cache)))
+        return x + self.drop_path(self.post_norm_2(self.ffn(self.norm_2(x))))
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Model and heads
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor               # (B, T, V)
+    loss: torch.Tensor | None          # mean cross-entropy over targets != -1, or None
+    aux_loss: torch.Tensor             # auxiliary losses (MoE balance, ACT ponder cost); 0 when unused
+
+
+class Transformer(nn.Module):
+    """Embeddings -> blocks laid out by layer_types -> final norm -> LM head."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.config = cfg
+        self.layer_types = layer_types(cfg)
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.position == "learned":
+            self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
+        if cfg.position == "sinusoidal":
+            self.register_buffer("wpe_table", sinusoidal_table(cfg.block_size, cfg.d_model), persistent=False)
+        if cfg.position == "rope":  # one table per layer type: Gemma 3 uses another base for local layers
+            theta = {"attn": (cfg.rope_theta, cfg.rope_scaling),
+                     "local_attn": (cfg.rope_local_theta or cfg.rope_theta,
+                                    "none" if cfg.rope_local_theta else cfg.rope_scaling)}
+            self.rope = nn.ModuleDict({t: Rotary(cfg, *theta[t]) for t in set(self.layer_types)})
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, t) for t in self.layer_types)
+        self.norm_f = NORMS[cfg.norm](cfg.d_model, cfg) if cfg.final_norm else nn.Identity()
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        if cfg.scaled_residual_init:  # GPT-2: residual projections shrink with depth
+            for name, p in self.named_parameters():
+                if name.endswith(("o_proj.weight", "down.weight")):
+                    nn.init.normal_(p, 0.0, cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, self.config.init_std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    @classmethod
+    def from_yaml(cls, path, **overrides):
+        return cls(Config.from_yaml(path, **overrides))
+
+    def get_num_params(self, non_embedding=False):
+        """Parameter count (a tied head counted once); non_embedding drops token/position tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= sum(m.weight.numel() for m in (self.wte, getattr(self, "wpe", None)) if m is not None)
+        return n
+
+    def contexts(self, pos, cache):
+        """One Context per layer type: positions, RoPE tables and the attention mask."""
+        use_cache = cache is not None and int(pos[0]) > 0
+        ctx = {}
+        for t in set(self.layer_types):
+            window = self.config.sliding_window if t == "local_attn" else None
+            rope = self.rope[t](pos) if self.config.position == "rope" else None
+            if use_cache:  # keys are the cache slots; each slot's absolute position comes from the ring
+                slots = cache[self.layer_types.index(t)].slots
+                last = pos[-1]
+                kpos = last - (last - torch.arange(slots, device=pos.device)) % slots   # (S,)
+                mask = (kpos >= 0) & (kpos <= pos[:, None])                              # (T, S)
+                if window:
+                    mask &= kpos > pos[:, None] - window
+            elif window:  # keys are the new tokens: causal band of `window` keys, itself included
+                i = torch.arange(len(pos), device=pos.device)
+                mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)   # (T, T)
+            else:
+                mask = None
+            ctx[t] = Context(pos, rope, mask, use_cache)
+        return ctx
+
+    def forward(self, input_ids, targets=None, cache=None, input_pos=None) -> ModelOutput:
+        """input_ids (B, T) -> ModelOutput(logits (B, T, V), loss, aux_loss).
+
+        With `cache` (from setup_cache) the new tokens sit at `input_pos` (T,); a call starting at
+        position 0 is a prefill, a later one attends over the cached keys.
+        """
+        B, T = input_ids.shape
+        pos = input_pos if input_pos is not None else torch.arange(T, device=input_ids.device)
+        if self.config.position in ("learned", "sinusoidal") and int(pos[-1]) >= self.config.block_size:
+            raise ValueError(f"position {int(pos[-1])} is beyond block_size={self.config.block_size} "
+                             f"(the position table's length); use a shorter input")
+        cfg = self.config
+        x = self.wte(input_ids)                                          # (B, T, C)
+        if cfg.embed_scale is not None:  # a tensor in the working dtype, as Gemma rounds it
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
+        if cfg.position == "learned":
+            x = x + self.wpe(pos)
+        if cfg.position == "sinusoidal":
+            x = x + self.wpe_table[pos].to(x.dtype)
+        x = self.drop(x)
+        ctx = self.contexts(pos, cache)
+        for i, block in enumerate(self.blocks):
+            c, layer_cache = ctx[self.layer_types[i]], cache[i] if cache is not None else None
+            if cfg.grad_checkpoint and self.training:
+                x = checkpoint(block, x, c, layer_cache, use_reentrant=False)
+            else:
+                x = block(x, c, layer_cache)
+        logits = self.lm_head(self.norm_f(x))                             # (B, T, V)
+        if cfg.final_softcap is not None:
+            logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return ModelOutput(logits, loss, torch.zeros((), device=x.device))
+
+    # ------------------------------------------------------------------------------------------
+    # 5. Inference: cache and generation
+
+    def setup_cache(self, batch_size, max_len, dtype=None, device=None):
+        """Static per-layer KV caches for `max_len` positions; sliding-window layers hold only the window."""
+        p = self.lm_head.weight
+        dtype, device = dtype or p.dtype, device or p.device
+        cfg = self.config
+        return [KVCache(batch_size, cfg.kv_heads, max_len, cfg.hs,
+                        cfg.sliding_window if t == "local_attn" else None, dtype, device)
+                for t in self.layer_types]
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, min_p=None,
+                 repetition_penalty=1.0, stop_tokens=(), generator=None, callback=None):
+        """Sample up to max_new_tokens after input_ids (B, T); returns (B, T + n) token ids.
+
+        temperature 0 is greedy. Filters apply in the order top_k, top_p, min_p. A row stops at
+        any of stop_tokens (later positions repeat the stop token). callback(ids (B,)) streams.
+        """
+        check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+        B, T = input_ids.shape
+        if T + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} exceeds the context of "
+                             f"{self.config.block_size} tokens; shorten the prompt or ask for fewer tokens")
+        cache = self.setup_cache(B, T + max_new_tokens, device=input_ids.device)
+        seq, done = input_ids, torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=input_ids.device)
+        logits = self(input_ids, cache=cache, input_pos=torch.arange(T, device=input_ids.device)).logits[:, -1]
+        for i in range(max_new_tokens):
+            logits = apply_repetition_penalty(logits, seq, repetition_penalty)
+            nxt = sample(logits, temperature, generator, top_k=top_k, top_p=top_p, min_p=min_p)   # (B,)
+            nxt = torch.where(done, seq[:, -1], nxt)  # finished rows keep repeating their stop token
+            seq = torch.cat((seq, nxt[:, None]), dim=1)
+            if callback is not None:
+                callback(nxt)
+            done |= torch.isin(nxt, stop)
+            if bool(done.all()) or i == max_new_tokens - 1:
+                break
+            pos = torch.tensor([T + i], device=input_ids.device)
+            logits = self(nxt[:, None], cache=cache, input_pos=pos).logits[:, -1]
+        return seq
+
+
+class KVCache(nn.Module):
+    """Static, preallocated K/V of one layer. With `window`, a ring buffer of `window` slots."""
+
+    def __init__(self, batch_size, n_kv_head, max_len, head_dim, window=None, dtype=None, device=None):
+        super().__init__()
+        self.slots = min(max_len, window) if window else max_len
+        shape = (batch_size, n_kv_head, self.slots, head_dim)                  # (B, nkv, S, hs)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos, k, v):      # pos: (T,) absolute positions; k, v: (B, nkv, T, hs)
+        if len(pos) > 1 and int(pos[0]) > 0 and int(pos[-1]) >= self.slots:
+            raise ValueError(f"a {len(pos)}-token chunk at position {int(pos[0])} would overwrite ring-buffer "
+                             f"slots it still reads; prefill from position 0, then decode one token at a time")
+        if len(pos) > self.slots:    # a prefill longer than the window keeps only its last slots
+            pos, k, v = pos[-self.slots:], k[:, :, -self.slots:], v[:, :, -self.slots:]
+        slot = pos % self.slots       # the identity unless this is a sliding-window layer
+        self.k.index_copy_(2, slot, k.to(self.k.dtype))
+        self.v.index_copy_(2, slot, v.to(self.v.dtype))
+        return self.k, self.v         # (B, nkv, S, hs); the caller masks slots not yet written
+
+
+def check_sampling(temperature, top_k, top_p, min_p, repetition_penalty):
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k={top_k} must be >= 0 (0 or None = off)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if min_p is not None and not 0 <= min_p <= 1:
+        raise ValueError(f"min_p={min_p} must be in [0, 1]")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0 (1 = off)")
+
+
+def top_k_filter(logits, k):          # keep the k largest logits
+    kth = torch.topk(logits, min(k, logits.size(-1)), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits, p):          # nucleus (Holtzman et al. 2019): smallest set with mass >= p
+    sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+    probs = F.softmax(sorted_logits, dim=-1)
+    drop = probs.cumsum(-1) - probs >= p    # the mass before this token already reaches p
+    return logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+
+
+def min_p_filter(logits, p):          # keep tokens with prob >= p * max prob
+    probs = F.softmax(logits, dim=-1)
+    return logits.masked_fill(probs < p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+
+
+LOGIT_FILTERS = {"top_k": top_k_filter, "top_p": top_p_filter, "min_p": min_p_filter}  # applied in this order
+
+
+def apply_repetition_penalty(logits, prev_ids, penalty):
+    """CTRL's penalty (arXiv:1909.05858): seen tokens' logits are divided (>0) or multiplied (<0) by it."""
+    if penalty == 1.0:
+        return logits
+    seen = torch.gather(logits, -1, prev_ids)
+    return logits.scatter(-1, prev_ids, torch.where(seen > 0, seen / penalty, seen * penalty))
+
+
+def sample(logits, temperature=1.0, generator=None, **filters):
+    """logits (B, V) -> token ids (B,). temperature 0 = argmax; filters: top_k, top_p, min_p (None = off)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    for name, f in LOGIT_FILTERS.items():
+        if filters.get(name):
+            logits = f(logits, filters[name])
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+ARCHITECTURES = {"decoder_only": Transformer}
+
+# ----------------------------------------------------------------------------------------------
+# 6. Import: our checkpoints
+
+
+def save_checkpoint(path, model, **extra):
+    """Write {"model", "config", **extra} atomically: a crash leaves the old file or none, never half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.config), **extra}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """torch.load with weights_only=True (never unpickles arbitrary objects); one-line errors."""
+    if not Path(path).is_file():
+        raise ValueError(f"checkpoint {path} does not exist; pass the ckpt.pt that train.py wrote")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, foreign objects: all mean "not a usable checkpoint"
+        raise ValueError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); "
+                         f"re-save it or use another file") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path} is not an anyformer checkpoint (no 'model' and 'config' entries)")
+    return ckpt
+
+
+def from_checkpoint(ckpt):
+    """Rebuild the model a checkpoint dict (from load_checkpoint) describes, weights loaded."""
+    cfg = Config.from_dict(ckpt["config"])
+    model = ARCHITECTURES[cfg.architecture](cfg)
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint weights do not match its {cfg.architecture} config "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]}); was it written by another version?")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Import: HF-format directories (config.json + safetensors)
+
+HF_LAYER_TYPES = {"full_attention": "attn", "sliding_attention": "local_attn"}
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                  "relu": "relu", "silu": "silu"}
+
+
+def hf_rope(hf, rope):
+    """Our rope_* fields from one HF rope_parameters entry (v5) or the older rope_theta/rope_scaling."""
+    rope = rope or {"rope_theta": hf.get("rope_theta", 10000.0), **(hf.get("rope_scaling") or {})}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    out = {"rope_theta": rope["rope_theta"], "rope_scaling": "none" if kind == "default" else kind}
+    if kind != "default":
+        out["rope_factor"] = rope["factor"]
+        out["rope_original_max_len"] = rope.get("original_max_position_embeddings", hf["max_position_embeddings"])
+    if kind == "llama3":
+        out["rope_low_freq_factor"], out["rope_high_freq_factor"] = rope["low_freq_factor"], rope["high_freq_factor"]
+    return out
+
+
+def hf_gpt2_config(hf):
+    return dict(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                n_head=hf["n_head"], d_model=hf["n_embd"], d_ff=hf.get("n_inner"),
+                norm_eps=hf["layer_norm_epsilon"], activation=HF_ACTIVATIONS[hf["activation_function"]],
+                tie_embeddings=hf.get("tie_word_embeddings", True))
+
+
+def hf_llama_config(hf):
+    """LLaMA and its descendants: Mistral (window everywhere), Qwen3 (QK-norm), Gemma 2/3."""
+    d, L = hf["hidden_size"], hf["num_hidden_layers"]
+    rope = hf.get("rope_parameters") or {}
+    cfg = dict(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"], n_layer=L,
+               n_head=hf["num_attention_heads"], n_kv_head=hf.get("num_key_value_heads"), d_model=d,
+               head_dim=hf.get("head_dim"), d_ff=hf["intermediate_size"], norm="rmsnorm",
+               norm_eps=hf["rms_norm_eps"], position="rope", bias=hf.get("attention_bias", False),
+               ffn="glu", activation=HF_ACTIVATIONS[hf.get("hidden_activation") or hf["hidden_act"]],
+               tie_embeddings=hf.get("tie_word_embeddings", True), sliding_window=hf.get("sliding_window"),
+               rope_fraction=hf.get("partial_rotary_factor", 1.0))
+    if "full_attention" in rope:  # Gemma 3: one RoPE per layer type
+        cfg.update(hf_rope(hf, rope["full_attention"]), rope_local_theta=rope["sliding_attention"]["rope_theta"])
+    else:
+        cfg.update(hf_rope(hf, rope))
+    if hf.get("layer_types"):
+        cfg["layer_pattern"] = [HF_LAYER_TYPES[t] for t in hf["layer_types"]]
+    elif hf.get("sliding_window"):  # Mistral: every layer slides
+        cfg["layer_pattern"] = ["local_attn"]
+    return cfg
+
+
+def hf_qwen3_config(hf):
+    return {**hf_llama_config(hf), "qk_norm": True}
+
+
+def hf_gemma_config(hf):
+    return {**hf_llama_config(hf), "norm_unit_offset": True, "norm_placement": "sandwich",
+            "embed_scale": hf["hidden_size"] ** 0.5, "attn_scale": hf["query_pre_attn_scalar"] ** -0.5,
+            "attn_softcap": hf.get("attn_logit_softcapping"), "final_softcap": hf.get("final_logit_softcapping"),
+            "tie_embeddings": True}
+
+
+def hf_gemma3_config(hf):  # Gemma 3 adds QK-norm and drops the attention softcap
+    return {**hf_gemma_config(hf), "qk_norm": True, "attn_softcap": None}
+
+
+# HF weight name -> ours; {} is the layer index. Transposes and splits are listed per family.
+LLAMA_KEYS = {
+    "model.embed_tokens.weight": "wte.weight",
+    "model.norm.weight": "norm_f.weight",
+    "lm_head.weight": "lm_head.weight",
+    **{f"model.layers.{{}}.self_attn.{p}_proj.{w}": f"blocks.{{}}.mixer.{p}_proj.{w}"
+       for p in "qkvo" for w in ("weight", "bias")},
+    "model.layers.{}.self_attn.q_norm.weight": "blocks.{}.mixer.q_norm.weight",
+    "model.layers.{}.self_attn.k_norm.weight": "blocks.{}.mixer.k_norm.weight",
+    **{f"model.layers.{{}}.mlp.{p}_proj.weight": f"blocks.{{}}.ffn.{p}.weight" for p in ("gate", "up", "down")},
+    "model.layers.{}.input_layernorm.weight": "blocks.{}.norm_1.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "blocks.{}.norm_2.weight",
+}
+GEMMA_KEYS = {  # sandwich norms: post_attention_layernorm is the norm *after* attention
+    **LLAMA_KEYS,
+    "model.layers.{}.post_attention_layernorm.weight": "blocks.{}.post_norm_1.weight",
+    "model.layers.{}.pre_feedforward_layernorm.weight": "blocks.{}.norm_2.weight",
+    "model.layers.{}.post_feedforward_layernorm.weight": "blocks.{}.post_norm_2.weight",
+}
+GPT2_KEYS = {  # Conv1D weights are (in, out): transposed on load; c_attn is split into q, k, v
+    "wte.weight": "wte.weight", "wpe.weight": "wpe.weight",
+    "ln_f.weight": "norm_f.weight", "ln_f.bias": "norm_f.bias",
+    **{f"h.{{}}.{a}.{w}": f"blocks.{{}}.{b}.{w}" for a, b in [("ln_1", "norm_1"), ("ln_2", "norm_2"),
+       ("attn.c_proj", "mixer.o_proj"), ("mlp.c_fc", "ffn.up"), ("mlp.c_proj", "ffn.down")]
+       for w in ("weight", "bias")},
+    "h.{}.attn.c_attn.weight": "blocks.{}.mixer.qkv.weight",
+    "h.{}.attn.c_attn.bias": "blocks.{}.mixer.qkv.bias",
+}
+HF_FAMILIES = {  # model_type -> (config translation, key map)
+    "gpt2": (hf_gpt2_config, GPT2_KEYS),
+    "llama": (hf_llama_config, LLAMA_KEYS),
+    "mistral": (hf_llama_config, LLAMA_KEYS),
+    "qwen3": (hf_qwen3_config, LLAMA_KEYS),
+    "gemma2": (hf_gemma_config, GEMMA_KEYS),
+    "gemma3_text": (hf_gemma3_config, GEMMA_KEYS),
+}
+
+
+def rename_hf_key(name, keys):
+    """Map one HF weight name to ours through a key table with {} for the layer index; None = skip."""
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():  # the first number is the layer index
+            template, layer = ".".join(parts[:i] + ["{}"] + parts[i + 1:]), p
+            return keys[template].format(layer) if template in keys else None
+    return keys.get(name)
+
+
+def load_hf_state_dict(hf_dir, keys, cfg):
+    """Read every safetensors file in hf_dir and rename (and reshape) its tensors to our names."""
+    from safetensors.torch import load_file  # lazy: only needed for HF directories
+    files = sorted(Path(hf_dir).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{hf_dir} has no *.safetensors weights; save the HF model with save_pretrained()")
+    sd = {}
+    for f in files:
+        for name, t in load_file(str(f)).items():
+            name = name.removeprefix("transformer.")       # GPT-2 hub files may omit this prefix
+            name = name.replace("model.language_model.", "model.")  # multimodal Gemma 3 wrapper
+            ours = rename_hf_key(name, keys)
+            if ours is None:
+                continue
+            if keys is GPT2_KEYS and t.dim() == 2 and not ours.startswith(("wte", "wpe")):
+                t = t.t()                                   # Conv1D (in, out) -> Linear (out, in)
+            if ours.endswith(("qkv.weight", "qkv.bias")):   # GPT-2's fused [q | k | v]
+                for p, part in zip("qkv", t.split(cfg["d_model"], dim=0)):
+                    sd[ours.replace("qkv", f"{p}_proj")] = part
+                continue
+            sd[ours] = t
+    return sd
+
+
+def from_pretrained(hf_dir):
+    """Build a Transformer from a HF-format directory (config.json + safetensors) of a supported family."""
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{hf_dir} has no config.json; pass a directory written by save_pretrained()")
+    hf = json.loads(path.read_text())
+    hf = {**hf, **hf.get("text_config", {})}
+    family = hf.get("model_type")
+    if family == "gemma3":  # multimodal wrapper: the text model's weights sit under language_model
+        family = "gemma3_text"
+    if family not in HF_FAMILIES:
+        raise ValueError(f"HF model_type {family!r} is not supported; supported: {sorted(HF_FAMILIES)}")
+    make_config, keys = HF_FAMILIES[family]
+    raw = make_config(hf)
+    sd = load_hf_state_dict(hf_dir, keys, raw)
+    # HF ties the head to the embedding unless the file holds a different lm_head.weight
+    head = sd.pop("lm_head.weight", None)
+    untie = head is not None and not torch.equal(head, sd.get("wte.weight"))
+    cfg = Config.from_dict({**raw, "tie_embeddings": not untie})
+    model = Transformer(cfg)
+    if untie:
+        sd["lm_head.weight"] = head
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and cfg.tie_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"{hf_dir}: weights do not match the {family} layout "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval()
+
+
+Transformer.from_pretrained = staticmethod(from_pretrained)
+Transformer.from_checkpoint = staticmethod(from_checkpoint)
+
+if __name__ == "__main__":  # python model.py configs/X.yaml: parameter count and one forward pass
+    import sys
+    cfg = Config.from_yaml(sys.argv[1]) if len(sys.argv) > 1 else Config()
+    with torch.device("meta" if "--meta" in sys.argv else "cpu"):
+        model = Transformer(cfg)
+    print(f"{cfg.architecture}: {model.get_num_params() / 1e6:.2f}M parameters, "
+          f"{model.get_num_params(non_embedding=True) / 1e6:.2f}M without embeddings")
+    if "--meta" not in sys.argv:
+        ids = torch.randint(0, cfg.vocab_size, (1, min(16, cfg.block_size)))
+        print("logits", tuple(model(ids).logits.shape))
