@@ -71,6 +71,17 @@ class Config:
     # feed-forward
     ffn: str = "mlp"                  # a key of FFNS
     activation: str = "gelu"          # a key of ACTIVATIONS
+    # mixture of experts (experts are FFNs of the `ffn` kind)
+    ffn_pattern: tuple = ("dense",)   # "dense" | "moe" tiled over the layers, e.g. [dense, moe] = MoE every 2nd
+    n_expert: int = 8
+    moe_top_k: int = 2                # experts per token (token choice) or mean tokens' share (expert choice)
+    moe_d_ff: int | None = None       # expert width; None -> the dense FFN width
+    moe_router: str = "token_choice"  # a key of ROUTERS
+    moe_renorm: bool = True           # renormalise the top-k weights to sum to 1 (Mixtral; Qwen3-MoE: false)
+    moe_capacity: float = 1.0         # expert choice: each expert takes capacity * N * top_k / E tokens
+    moe_shared_d_ff: int | None = None  # width of an always-on shared expert with a sigmoid gate (Qwen)
+    moe_aux_weight: float = 0.01      # load-balancing loss weight inside aux_loss
+    moe_z_weight: float = 0.0         # router z-loss weight inside aux_loss (ST-MoE, arXiv:2202.08906)
     # embeddings and head
     tie_embeddings: bool = True
     embed_scale: float | None = None  # multiply token embeddings (Gemma: sqrt(d_model))
@@ -91,6 +102,11 @@ class Config:
             check_choice(key, getattr(self, key), registry)
         for t in self.layer_pattern:
             check_choice("layer_pattern entry", t, MIXERS)
+        for t in self.ffn_pattern:
+            check_choice("ffn_pattern entry", t, ("dense", "moe"))
+        check_choice("moe_router", self.moe_router, ROUTERS)
+        if "moe" in self.ffn_pattern and not 1 <= self.moe_top_k <= self.n_expert:
+            raise ValueError(f"moe_top_k={self.moe_top_k} must be between 1 and n_expert={self.n_expert}")
         for key in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)} must be a positive integer")
@@ -167,9 +183,9 @@ def check_type(name, value, tp):
 
 
 def layer_types(cfg: Config) -> list:
-    """Per-layer mixer names: layer_pattern tiled over n_layer (Gemma 3: 5 local_attn, 1 attn)."""
-    p = cfg.layer_pattern
-    return [p[i % len(p)] for i in range(cfg.n_layer)]
+    """Per-layer (mixer, ffn) names: the patterns tiled over n_layer (Gemma 3: 5 local_attn, 1 attn)."""
+    mix, ffn = cfg.layer_pattern, cfg.ffn_pattern
+    return [(mix[i % len(mix)], ffn[i % len(ffn)]) for i in range(cfg.n_layer)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,10 +349,11 @@ ACTIVATIONS = {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "rel
 class MLP(nn.Module):
     """Position-wise feed-forward: down(act(up(x)))."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, width=None):
         super().__init__()
-        self.up = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
-        self.down = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.bias)
+        width = width or cfg.ffn_dim
+        self.up = nn.Linear(cfg.d_model, width, bias=cfg.bias)
+        self.down = nn.Linear(width, cfg.d_model, bias=cfg.bias)
         self.act, self.drop = ACTIVATIONS[cfg.activation], nn.Dropout(cfg.dropout)
 
     def forward(self, x):                                            # (B, T, C)
@@ -346,11 +363,12 @@ class MLP(nn.Module):
 class GLU(nn.Module):
     """Gated linear unit FFN (Shazeer 2020, arXiv:2002.05202): silu -> SwiGLU, gelu_tanh -> GeGLU."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, width=None):
         super().__init__()
-        self.gate = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
-        self.up = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
-        self.down = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.bias)
+        width = width or cfg.ffn_dim
+        self.gate = nn.Linear(cfg.d_model, width, bias=cfg.bias)
+        self.up = nn.Linear(cfg.d_model, width, bias=cfg.bias)
+        self.down = nn.Linear(width, cfg.d_model, bias=cfg.bias)
         self.act, self.drop = ACTIVATIONS[cfg.activation], nn.Dropout(cfg.dropout)
 
     def forward(self, x):                                            # (B, T, C)
@@ -358,6 +376,69 @@ class GLU(nn.Module):
 
 
 FFNS = {"mlp": MLP, "glu": GLU}
+
+# ----------------------------------------------------------------------------------------------
+# 2. Building blocks: mixture of experts
+# A router turns probs (N, E) into one (token ids, weights) pair per expert; MoE runs each expert
+# once on its tokens (sorted and grouped, no loop over tokens) and adds the weighted outputs back.
+
+
+def token_choice(probs, cfg):
+    """Each token picks its top-k experts (Shazeer et al. 2017, arXiv:1701.06538; Mixtral, arXiv:2401.04088)."""
+    w, idx = probs.topk(cfg.moe_top_k, dim=-1)                       # (N, k)
+    if cfg.moe_renorm:
+        w = w / w.sum(dim=-1, keepdim=True)
+    flat = idx.flatten()                                             # (N*k,) expert of each slot
+    order = flat.argsort(stable=True)                                # slots grouped by expert
+    counts = torch.bincount(flat, minlength=cfg.n_expert).tolist()
+    tokens = (order // cfg.moe_top_k).split(counts)
+    weights = w.flatten()[order].split(counts)
+    return list(zip(tokens, weights))
+
+
+def expert_choice(probs, cfg):
+    """Each expert picks its top-capacity tokens (Zhou et al. 2022, arXiv:2202.09368). Not causal:
+    whether a token is taken depends on every other token in the call, later ones included."""
+    N, E = probs.shape
+    cap = min(N, max(1, int(cfg.moe_capacity * N * cfg.moe_top_k / E)))
+    w, tok = probs.t().topk(cap, dim=-1)                             # (E, cap)
+    return list(zip(tok, w))
+
+
+ROUTERS = {"token_choice": token_choice, "expert_choice": expert_choice}
+
+
+class MoE(nn.Module):
+    """Sparse mixture of expert FFNs with an optional gated shared expert (Qwen3-MoE / Qwen3-Next).
+    After each forward, `aux_loss` holds the weighted load-balancing + router z-loss of that call."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.router = nn.Linear(cfg.d_model, cfg.n_expert, bias=False)
+        self.experts = nn.ModuleList(FFNS[cfg.ffn](cfg, cfg.moe_d_ff) for _ in range(cfg.n_expert))
+        if cfg.moe_shared_d_ff:
+            self.shared_expert = FFNS[cfg.ffn](cfg, cfg.moe_shared_d_ff)
+            self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False)
+        self.aux_loss = torch.zeros(())
+
+    def forward(self, x):                                            # (B, T, C)
+        shape, x = x.shape, x.reshape(-1, x.shape[-1])               # (N, C)
+        logits = self.router(x)                                      # (N, E)
+        probs = F.softmax(logits.float(), dim=-1)
+        y = torch.zeros_like(x)
+        counts = torch.zeros(self.cfg.n_expert, device=x.device)
+        for e, (tok, w) in enumerate(ROUTERS[self.cfg.moe_router](probs, self.cfg)):
+            counts[e] = len(tok)
+            if len(tok):
+                y.index_add_(0, tok, self.experts[e](x[tok]) * w[:, None].to(x.dtype))
+        if self.cfg.moe_shared_d_ff:
+            y = y + torch.sigmoid(self.shared_gate(x)) * self.shared_expert(x)
+        # Switch-style balance E * sum_e f_e * P_e (f_e: share of slots, P_e: mean prob), and z-loss
+        balance = self.cfg.n_expert * (counts / len(x) * probs.mean(0)).sum()
+        z = torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+        self.aux_loss = self.cfg.moe_aux_weight * balance + self.cfg.moe_z_weight * z
+        return y.view(shape)
 
 # ----------------------------------------------------------------------------------------------
 # 3. Block and stack
@@ -384,7 +465,7 @@ class Block(nn.Module):
         sandwich:  x + post_norm(mixer(norm(x)))
     """
 
-    def __init__(self, cfg: Config, layer_type: str):
+    def __init__(self, cfg: Config, layer_type: tuple):
         super().__init__()
         make_norm = lambda: NORMS[cfg.norm](cfg.d_model, cfg)  # noqa: E731
         self.post_ln = cfg.norm_placement == "post"
@@ -392,8 +473,9 @@ class Block(nn.Module):
         sandwich = cfg.norm_placement == "sandwich"
         self.post_norm_1 = make_norm() if sandwich else nn.Identity()
         self.post_norm_2 = make_norm() if sandwich else nn.Identity()
-        self.mixer = MIXERS[layer_type](cfg)
-        self.ffn = FFNS[cfg.ffn](cfg)
+        mixer, ffn = layer_type
+        self.mixer = MIXERS[mixer](cfg)
+        self.ffn = MoE(cfg) if ffn == "moe" else FFNS[cfg.ffn](cfg)
         self.drop_path = DropPath(cfg.drop_path)
 
     def forward(self, x, ctx: Context, cache=None):                  # x: (B, T, C)
@@ -420,7 +502,8 @@ class Transformer(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.config = cfg
-        self.layer_types = layer_types(cfg)
+        self.layer_types = layer_types(cfg)                    # [(mixer, ffn)] per layer
+        self.mixer_types = [m for m, _ in self.layer_types]
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.position == "learned":
             self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
@@ -430,13 +513,14 @@ class Transformer(nn.Module):
             theta = {"attn": (cfg.rope_theta, cfg.rope_scaling),
                      "local_attn": (cfg.rope_local_theta or cfg.rope_theta,
                                     "none" if cfg.rope_local_theta else cfg.rope_scaling)}
-            self.rope = nn.ModuleDict({t: Rotary(cfg, *theta[t]) for t in set(self.layer_types)})
+            self.rope = nn.ModuleDict({t: Rotary(cfg, *theta[t]) for t in set(self.mixer_types)})
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, t) for t in self.layer_types)
         self.norm_f = NORMS[cfg.norm](cfg.d_model, cfg) if cfg.final_norm else nn.Identity()
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        self.moes = [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
         self.apply(self._init_weights)
         if cfg.scaled_residual_init:  # GPT-2: residual projections shrink with depth
             for name, p in self.named_parameters():
@@ -464,11 +548,11 @@ class Transformer(nn.Module):
         """One Context per layer type: positions, RoPE tables and the attention mask."""
         use_cache = cache is not None and int(pos[0]) > 0
         ctx = {}
-        for t in set(self.layer_types):
+        for t in set(self.mixer_types):
             window = self.config.sliding_window if t == "local_attn" else None
             rope = self.rope[t](pos) if self.config.position == "rope" else None
             if use_cache:  # keys are the cache slots; each slot's absolute position comes from the ring
-                slots = cache[self.layer_types.index(t)].slots
+                slots = cache[self.mixer_types.index(t)].slots
                 last = pos[-1]
                 kpos = last - (last - torch.arange(slots, device=pos.device)) % slots   # (S,)
                 mask = (kpos >= 0) & (kpos <= pos[:, None])                              # (T, S)
@@ -504,7 +588,7 @@ class Transformer(nn.Module):
         x = self.drop(x)
         ctx = self.contexts(pos, cache)
         for i, block in enumerate(self.blocks):
-            c, layer_cache = ctx[self.layer_types[i]], cache[i] if cache is not None else None
+            c, layer_cache = ctx[self.mixer_types[i]], cache[i] if cache is not None else None
             if cfg.grad_checkpoint and self.training:
                 x = checkpoint(block, x, c, layer_cache, use_reentrant=False)
             else:
@@ -515,7 +599,8 @@ class Transformer(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return ModelOutput(logits, loss, torch.zeros((), device=x.device))
+        aux = sum((m.aux_loss for m in self.moes), torch.zeros((), device=x.device))
+        return ModelOutput(logits, loss, aux)
 
     # ------------------------------------------------------------------------------------------
     # 5. Inference: cache and generation
@@ -527,7 +612,7 @@ class Transformer(nn.Module):
         cfg = self.config
         return [KVCache(batch_size, cfg.kv_heads, max_len, cfg.hs,
                         cfg.sliding_window if t == "local_attn" else None, dtype, device)
-                for t in self.layer_types]
+                for t in self.mixer_types]
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, min_p=None,
@@ -740,7 +825,21 @@ def hf_gemma3_config(hf):  # Gemma 3 adds QK-norm and drops the attention softca
     return {**hf_gemma_config(hf), "qk_norm": True, "attn_softcap": None}
 
 
-# HF weight name -> ours; {} is the layer index. Transposes and splits are listed per family.
+def hf_mixtral_config(hf):  # every layer MoE, top-k always renormalised
+    return {**hf_llama_config(hf), "ffn_pattern": ["moe"], "n_expert": hf["num_local_experts"],
+            "moe_top_k": hf["num_experts_per_tok"], "moe_renorm": True,
+            "moe_aux_weight": hf.get("router_aux_loss_coef", 0.01)}
+
+
+def hf_qwen3_moe_config(hf):  # MoE where (i+1) % decoder_sparse_step == 0, except mlp_only_layers
+    step, dense = hf.get("decoder_sparse_step", 1), hf.get("mlp_only_layers") or []
+    pattern = ["moe" if i not in dense and (i + 1) % step == 0 else "dense" for i in range(hf["num_hidden_layers"])]
+    return {**hf_qwen3_config(hf), "ffn_pattern": pattern, "n_expert": hf["num_local_experts"],
+            "moe_top_k": hf["num_experts_per_tok"], "moe_d_ff": hf["moe_intermediate_size"],
+            "moe_renorm": hf.get("norm_topk_prob", False), "moe_aux_weight": hf.get("router_aux_loss_coef", 0.01)}
+
+
+# HF weight name -> ours; {} is the layer (and expert) index. Transposes and splits are listed per family.
 LLAMA_KEYS = {
     "model.embed_tokens.weight": "wte.weight",
     "model.norm.weight": "norm_f.weight",
@@ -768,6 +867,18 @@ GPT2_KEYS = {  # Conv1D weights are (in, out): transposed on load; c_attn is spl
     "h.{}.attn.c_attn.weight": "blocks.{}.mixer.qkv.weight",
     "h.{}.attn.c_attn.bias": "blocks.{}.mixer.qkv.bias",
 }
+MOE_KEYS = {  # Qwen3-MoE; Mixtral names the same pieces block_sparse_moe.{gate, experts.{}.w1|w3|w2}
+    **LLAMA_KEYS,
+    "model.layers.{}.mlp.gate.weight": "blocks.{}.ffn.router.weight",
+    **{f"model.layers.{{}}.mlp.experts.{{}}.{p}_proj.weight": f"blocks.{{}}.ffn.experts.{{}}.{p}.weight"
+       for p in ("gate", "up", "down")},
+}
+MIXTRAL_KEYS = {
+    **LLAMA_KEYS,
+    "model.layers.{}.block_sparse_moe.gate.weight": "blocks.{}.ffn.router.weight",
+    **{f"model.layers.{{}}.block_sparse_moe.experts.{{}}.{w}.weight": f"blocks.{{}}.ffn.experts.{{}}.{p}.weight"
+       for w, p in (("w1", "gate"), ("w3", "up"), ("w2", "down"))},
+}
 HF_FAMILIES = {  # model_type -> (config translation, key map)
     "gpt2": (hf_gpt2_config, GPT2_KEYS),
     "llama": (hf_llama_config, LLAMA_KEYS),
@@ -775,17 +886,17 @@ HF_FAMILIES = {  # model_type -> (config translation, key map)
     "qwen3": (hf_qwen3_config, LLAMA_KEYS),
     "gemma2": (hf_gemma_config, GEMMA_KEYS),
     "gemma3_text": (hf_gemma3_config, GEMMA_KEYS),
+    "mixtral": (hf_mixtral_config, MIXTRAL_KEYS),
+    "qwen3_moe": (hf_qwen3_moe_config, MOE_KEYS),
 }
 
 
 def rename_hf_key(name, keys):
-    """Map one HF weight name to ours through a key table with {} for the layer index; None = skip."""
+    """Map one HF weight name to ours through a key table with {} for layer (and expert) indices; None = skip."""
     parts = name.split(".")
-    for i, p in enumerate(parts):
-        if p.isdigit():  # the first number is the layer index
-            template, layer = ".".join(parts[:i] + ["{}"] + parts[i + 1:]), p
-            return keys[template].format(layer) if template in keys else None
-    return keys.get(name)
+    numbers = [p for p in parts if p.isdigit()]
+    template = ".".join("{}" if p.isdigit() else p for p in parts)
+    return keys[template].format(*numbers) if template in keys else None
 
 
 def load_hf_state_dict(hf_dir, keys, cfg):

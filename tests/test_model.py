@@ -53,7 +53,7 @@ def test_gemma3_layout():
     cfg = Config.from_yaml(CONFIGS / "gemma3_1b.yaml")
     with torch.device("meta"):
         m = Transformer(cfg)
-    assert m.layer_types.count("attn") == 4 and m.layer_types[5] == "attn" and m.layer_types[0] == "local_attn"
+    assert m.mixer_types.count("attn") == 4 and m.mixer_types[5] == "attn" and m.mixer_types[0] == "local_attn"
 
 
 def test_checkpoint_roundtrip_and_atomic(tmp_path):
