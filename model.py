@@ -63,11 +63,21 @@ class Config:
     rope_fraction: float = 1.0        # rotate only the first fraction of each head (partial RoPE)
     # attention
     layer_pattern: tuple = ("attn",)  # keys of MIXERS tiled over the layers, e.g. 5 x local_attn + attn
+    attention_type: str = "softmax"   # softmax: layer_pattern | linear: all deltanet | hybrid: see hybrid_ratio
+    hybrid_ratio: int = 3             # hybrid: this many deltanet layers per attn layer (Qwen3-Next: 3)
     sliding_window: int | None = None  # keys a local_attn query sees, itself included
     qk_norm: bool = False             # normalise q and k per head before RoPE (Qwen3, Gemma 3)
     attn_scale: float | None = None   # None -> head_dim**-0.5 (Gemma: query_pre_attn_scalar**-0.5)
     attn_softcap: float | None = None  # scores -> cap*tanh(scores/cap) (Gemma 2)
+    attn_gate: bool = False           # output gate sigmoid(x W_g) on the attention heads (Qwen3-Next)
     bias: bool = True                 # biases on attention and feed-forward projections
+    # Gated DeltaNet (linear attention) layers
+    dn_heads: int = 4                 # key heads (dk each)
+    dn_v_heads: int | None = None     # value heads, a multiple of dn_heads; None -> dn_heads
+    dn_head_dim: int = 64             # dk
+    dn_v_head_dim: int | None = None  # dv; None -> dn_head_dim
+    dn_conv: int = 4                  # causal depthwise conv kernel over q, k, v
+    dn_chunk: int = 64                # chunk length of the parallel form (training and prefill)
     # feed-forward
     ffn: str = "mlp"                  # a key of FFNS
     activation: str = "gelu"          # a key of ACTIVATIONS
@@ -105,6 +115,9 @@ class Config:
         for t in self.ffn_pattern:
             check_choice("ffn_pattern entry", t, ("dense", "moe"))
         check_choice("moe_router", self.moe_router, ROUTERS)
+        check_choice("attention_type", self.attention_type, ("softmax", "linear", "hybrid"))
+        if self.dn_v_heads is not None and self.dn_v_heads % self.dn_heads:
+            raise ValueError(f"dn_v_heads={self.dn_v_heads} must be a multiple of dn_heads={self.dn_heads}")
         if "moe" in self.ffn_pattern and not 1 <= self.moe_top_k <= self.n_expert:
             raise ValueError(f"moe_top_k={self.moe_top_k} must be between 1 and n_expert={self.n_expert}")
         for key in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
@@ -184,7 +197,9 @@ def check_type(name, value, tp):
 
 def layer_types(cfg: Config) -> list:
     """Per-layer (mixer, ffn) names: the patterns tiled over n_layer (Gemma 3: 5 local_attn, 1 attn)."""
-    mix, ffn = cfg.layer_pattern, cfg.ffn_pattern
+    mix = {"softmax": cfg.layer_pattern, "linear": ("deltanet",),
+           "hybrid": ("deltanet",) * cfg.hybrid_ratio + ("attn",)}[cfg.attention_type]
+    ffn = cfg.ffn_pattern
     return [(mix[i % len(mix)], ffn[i % len(ffn)]) for i in range(cfg.n_layer)]
 
 
@@ -313,7 +328,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.nh, self.nkv, self.hs = cfg.n_head, cfg.kv_heads, cfg.hs
-        self.q_proj = nn.Linear(cfg.d_model, self.nh * self.hs, bias=cfg.bias)
+        self.gated = cfg.attn_gate    # q_proj then yields [q_h | gate_h] per head, as HF Qwen3-Next lays it out
+        self.q_proj = nn.Linear(cfg.d_model, self.nh * self.hs * (2 if self.gated else 1), bias=cfg.bias)
         self.k_proj = nn.Linear(cfg.d_model, self.nkv * self.hs, bias=cfg.bias)
         self.v_proj = nn.Linear(cfg.d_model, self.nkv * self.hs, bias=cfg.bias)
         self.o_proj = nn.Linear(self.nh * self.hs, cfg.d_model, bias=cfg.bias)
@@ -325,7 +341,8 @@ class Attention(nn.Module):
 
     def forward(self, x, ctx: Context, cache=None):                       # x: (B, T, C)
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.nh, self.hs)).transpose(1, 2)   # (B, nh, T, hs)
+        q, gate = self.q_proj(x).view(B, T, self.nh, -1).split(self.hs, dim=-1)        # gate empty unless gated
+        q = self.q_norm(q).transpose(1, 2)                                               # (B, nh, T, hs)
         k = self.k_norm(self.k_proj(x).view(B, T, self.nkv, self.hs)).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)               # (B, nkv, T, hs)
         if ctx.rope is not None:
@@ -335,10 +352,105 @@ class Attention(nn.Module):
             if ctx.use_cache:
                 k, v = k_all, v_all
         y = attend(q, k, v, ctx.mask, self.scale, self.softcap, self.dropout if self.training else 0.0)
-        return self.resid_drop(self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs)))
+        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hs)                          # (B, T, nh*hs)
+        if self.gated:  # gated attention (Qiu et al. 2025, arXiv:2505.06708)
+            y = y * torch.sigmoid(gate.reshape(B, T, -1))
+        return self.resid_drop(self.o_proj(y))
 
 
-MIXERS = {"attn": Attention, "local_attn": Attention}  # local_attn: the same layer, a windowed mask
+# ----------------------------------------------------------------------------------------------
+# 2. Building blocks: Gated DeltaNet (Yang et al. 2024, arXiv:2412.06464), as HF Qwen3NextForCausalLM has it.
+# Per value head a state S (dk, dv) is decayed, corrected toward v along k, and read by q:
+#     S <- exp(g_t) S;   S <- S + k_t (beta_t (v_t - S^T k_t))^T;   o_t = S^T q_t
+
+
+def delta_rule_recurrent(q, k, v, g, beta, S):
+    """The recurrence itself, one step per token (decoding). q, k: (B, H, T, dk); v: (B, H, T, dv);
+    g, beta: (B, H, T); S: (B, H, dk, dv) fp32. Returns o (B, H, T, dv) and the new S."""
+    out = []
+    for t in range(q.shape[2]):
+        S = S * g[:, :, t, None, None].exp()
+        kt = k[:, :, t]                                                    # (B, H, dk)
+        u = beta[:, :, t, None] * (v[:, :, t] - (S * kt[..., None]).sum(-2))   # (B, H, dv) new value
+        S = S + kt[..., None] * u[..., None, :]
+        out.append((S * q[:, :, t, :, None]).sum(-2))                      # (B, H, dv)
+    return torch.stack(out, dim=2), S
+
+
+def delta_rule_chunked(q, k, v, g, beta, S, chunk):
+    """The same recurrence in parallel over chunks of L tokens, O(T L) (training and prefill).
+    Within a chunk with cumulative decay G_i and start state S0, the new values U solve
+        (I + Lo) U = beta*V - (beta*e^G*K) S0,   Lo[i,j] = beta_i e^(G_i-G_j) k_i.k_j  (j < i),
+    then o_i = e^(G_i) S0^T q_i + sum_{j<=i} e^(G_i-G_j) (q_i.k_j) u_j and S carries to the next chunk."""
+    B, H, T, dk = k.shape
+    pad = -T % chunk                                                       # zero-pad T to whole chunks
+    q, k, v = (F.pad(x, (0, 0, 0, pad)).unflatten(2, (-1, chunk)) for x in (q, k, v))   # (B, H, n, L, d)
+    g, beta = (F.pad(x, (0, pad)).unflatten(2, (-1, chunk)) for x in (g, beta))        # (B, H, n, L)
+    G = g.cumsum(-1)                                                       # (B, H, n, L)
+    decay = (G[..., :, None] - G[..., None, :]).tril().exp().tril()       # (B, H, n, L, L) e^(G_i-G_j), j <= i
+    kb = k * beta[..., None]
+    lower = (kb @ k.transpose(-1, -2) * decay).tril(-1)                    # Lo
+    eye = torch.eye(chunk, device=q.device)
+    solve = lambda rhs: torch.linalg.solve_triangular(eye + lower, rhs, upper=False, unitriangular=True)  # noqa: E731
+    w_v, w_k = solve(v * beta[..., None]), solve(kb * G[..., None].exp())  # (B, H, n, L, dv), (.., dk)
+    qk = q @ k.transpose(-1, -2) * decay                                   # (B, H, n, L, L) causal incl. self
+    out = []
+    for c in range(q.shape[2]):
+        u = w_v[:, :, c] - w_k[:, :, c] @ S                                # (B, H, L, dv)
+        out.append((q[:, :, c] * G[:, :, c, :, None].exp()) @ S + qk[:, :, c] @ u)
+        last = G[:, :, c, -1, None, None]                                  # (B, H, 1, 1)
+        S = S * last.exp() + (k[:, :, c] * (last - G[:, :, c, :, None]).exp()).transpose(-1, -2) @ u
+    return torch.cat(out, dim=2)[:, :, :T], S
+
+
+class GatedDeltaNet(nn.Module):
+    """Gated DeltaNet token mixer: conv-mixed q/k/v, L2-normed q/k, gated delta rule, gated RMSNorm."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.nk, self.nv = cfg.dn_heads, cfg.dn_v_heads or cfg.dn_heads
+        self.dk, self.dv = cfg.dn_head_dim, cfg.dn_v_head_dim or cfg.dn_head_dim
+        self.chunk = cfg.dn_chunk
+        self.split = [self.nk * self.dk, self.nk * self.dk, self.nv * self.dv, self.nv * self.dv, self.nv, self.nv]
+        self.in_proj = nn.Linear(cfg.d_model, sum(self.split), bias=False)   # [q, k, v, z, b, a]
+        conv_dim = sum(self.split[:3])
+        self.conv = nn.Conv1d(conv_dim, conv_dim, cfg.dn_conv, groups=conv_dim, bias=False)  # depthwise, causal
+        self.A_log = nn.Parameter(torch.empty(self.nv).uniform_(1, 16).log())  # decay rates, Mamba-2 style
+        self.dt_bias = nn.Parameter(torch.ones(self.nv))
+        self.norm = RMSNorm(self.dv, cfg.norm_eps)
+        self.out_proj = nn.Linear(self.nv * self.dv, cfg.d_model, bias=False)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, ctx: Context, cache=None):                           # x: (B, T, C)
+        B, T, _ = x.shape
+        q, k, v, z, b, a = self.in_proj(x).split(self.split, dim=-1)
+        qkv = torch.cat((q, k, v), dim=-1).transpose(1, 2)                     # (B, Cq+Ck+Cv, T)
+        fresh = cache is None or not ctx.use_cache
+        past = torch.zeros_like(qkv[..., :1]).expand(-1, -1, self.conv.kernel_size[0] - 1) if fresh else cache.conv
+        qkv = torch.cat((past, qkv), dim=-1)                                   # left context for the conv
+        q, k, v = F.silu(self.conv(qkv)).transpose(1, 2).split(self.split[:3], dim=-1)
+        r = self.nv // self.nk                                                 # value heads per key head
+        q, k = (t.float().view(B, T, self.nk, self.dk) for t in (q, k))
+        q, k = (t * torch.rsqrt(t.pow(2).sum(-1, keepdim=True) + 1e-6) for t in (q, k))  # L2 norm
+        q, k = (t.repeat_interleave(r, dim=2).transpose(1, 2) for t in (q, k))  # (B, nv, T, dk)
+        q = q * self.dk ** -0.5
+        v = v.float().view(B, T, self.nv, self.dv).transpose(1, 2)             # (B, nv, T, dv)
+        beta = torch.sigmoid(b.float()).transpose(1, 2)                        # (B, nv, T)
+        g = (-self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)).transpose(1, 2)
+        S = torch.zeros(B, self.nv, self.dk, self.dv, device=x.device) if fresh else cache.S
+        if T == 1:
+            o, S = delta_rule_recurrent(q, k, v, g, beta, S)
+        else:
+            o, S = delta_rule_chunked(q, k, v, g, beta, S, self.chunk)
+        if cache is not None:
+            cache.conv.copy_(qkv[..., qkv.shape[-1] - cache.conv.shape[-1]:])
+            cache.S.copy_(S)
+        o = self.norm(o.transpose(1, 2).to(x.dtype)) * F.silu(z.float().view(B, T, self.nv, self.dv))
+        return self.resid_drop(self.out_proj(o.to(x.dtype).reshape(B, T, -1)))
+
+
+MIXERS = {"attn": Attention, "local_attn": Attention,  # local_attn: the same layer, a windowed mask
+          "deltanet": GatedDeltaNet}
 
 # ----------------------------------------------------------------------------------------------
 # 2. Building blocks: feed-forward
@@ -513,7 +625,7 @@ class Transformer(nn.Module):
             theta = {"attn": (cfg.rope_theta, cfg.rope_scaling),
                      "local_attn": (cfg.rope_local_theta or cfg.rope_theta,
                                     "none" if cfg.rope_local_theta else cfg.rope_scaling)}
-            self.rope = nn.ModuleDict({t: Rotary(cfg, *theta[t]) for t in set(self.mixer_types)})
+            self.rope = nn.ModuleDict({t: Rotary(cfg, *theta[t]) for t in set(self.mixer_types) & set(theta)})
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, t) for t in self.layer_types)
         self.norm_f = NORMS[cfg.norm](cfg.d_model, cfg) if cfg.final_norm else nn.Identity()
@@ -549,6 +661,9 @@ class Transformer(nn.Module):
         use_cache = cache is not None and int(pos[0]) > 0
         ctx = {}
         for t in set(self.mixer_types):
+            if t == "deltanet":  # carries its own state; no positions, no mask
+                ctx[t] = Context(pos, None, None, use_cache)
+                continue
             window = self.config.sliding_window if t == "local_attn" else None
             rope = self.rope[t](pos) if self.config.position == "rope" else None
             if use_cache:  # keys are the cache slots; each slot's absolute position comes from the ring
@@ -610,7 +725,8 @@ class Transformer(nn.Module):
         p = self.lm_head.weight
         dtype, device = dtype or p.dtype, device or p.device
         cfg = self.config
-        return [KVCache(batch_size, cfg.kv_heads, max_len, cfg.hs,
+        return [DeltaNetState(batch_size, cfg, dtype, device) if t == "deltanet" else
+                KVCache(batch_size, cfg.kv_heads, max_len, cfg.hs,
                         cfg.sliding_window if t == "local_attn" else None, dtype, device)
                 for t in self.mixer_types]
 
@@ -666,6 +782,18 @@ class KVCache(nn.Module):
         self.k.index_copy_(2, slot, k.to(self.k.dtype))
         self.v.index_copy_(2, slot, v.to(self.v.dtype))
         return self.k, self.v         # (B, nkv, S, hs); the caller masks slots not yet written
+
+
+class DeltaNetState(nn.Module):
+    """A Gated DeltaNet layer's O(1) decoding state: the last dn_conv-1 conv inputs and S (fp32)."""
+
+    def __init__(self, batch_size, cfg: Config, dtype=None, device=None):
+        super().__init__()
+        nk, nv = cfg.dn_heads, cfg.dn_v_heads or cfg.dn_heads
+        dk, dv = cfg.dn_head_dim, cfg.dn_v_head_dim or cfg.dn_head_dim
+        conv = torch.zeros(batch_size, 2 * nk * dk + nv * dv, cfg.dn_conv - 1, dtype=dtype, device=device)
+        self.register_buffer("conv", conv, persistent=False)                      # (B, Cqkv, K-1)
+        self.register_buffer("S", torch.zeros(batch_size, nv, dk, dv, device=device), persistent=False)
 
 
 def check_sampling(temperature, top_k, top_p, min_p, repetition_penalty):
@@ -763,7 +891,7 @@ def from_checkpoint(ckpt):
 # ----------------------------------------------------------------------------------------------
 # 6. Import: HF-format directories (config.json + safetensors)
 
-HF_LAYER_TYPES = {"full_attention": "attn", "sliding_attention": "local_attn"}
+HF_LAYER_TYPES = {"full_attention": "attn", "sliding_attention": "local_attn", "linear_attention": "deltanet"}
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                   "relu": "relu", "silu": "silu"}
 
@@ -798,7 +926,7 @@ def hf_llama_config(hf):
                norm_eps=hf["rms_norm_eps"], position="rope", bias=hf.get("attention_bias", False),
                ffn="glu", activation=HF_ACTIVATIONS[hf.get("hidden_activation") or hf["hidden_act"]],
                tie_embeddings=hf.get("tie_word_embeddings", True), sliding_window=hf.get("sliding_window"),
-               rope_fraction=hf.get("partial_rotary_factor", 1.0))
+               rope_fraction=rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
     if "full_attention" in rope:  # Gemma 3: one RoPE per layer type
         cfg.update(hf_rope(hf, rope["full_attention"]), rope_local_theta=rope["sliding_attention"]["rope_theta"])
     else:
@@ -834,9 +962,19 @@ def hf_mixtral_config(hf):  # every layer MoE, top-k always renormalised
 def hf_qwen3_moe_config(hf):  # MoE where (i+1) % decoder_sparse_step == 0, except mlp_only_layers
     step, dense = hf.get("decoder_sparse_step", 1), hf.get("mlp_only_layers") or []
     pattern = ["moe" if i not in dense and (i + 1) % step == 0 else "dense" for i in range(hf["num_hidden_layers"])]
-    return {**hf_qwen3_config(hf), "ffn_pattern": pattern, "n_expert": hf["num_local_experts"],
+    return {**hf_qwen3_config(hf), "ffn_pattern": pattern,
+            "n_expert": hf.get("num_local_experts") or hf["num_experts"],
             "moe_top_k": hf["num_experts_per_tok"], "moe_d_ff": hf["moe_intermediate_size"],
             "moe_renorm": hf.get("norm_topk_prob", False), "moe_aux_weight": hf.get("router_aux_loss_coef", 0.01)}
+
+
+def hf_qwen3_next_config(hf):
+    """Qwen3-Next: Gated DeltaNet 3 : 1 gated attention, (1+w) norms, partial RoPE, MoE + shared expert."""
+    return {**hf_qwen3_moe_config(hf), "norm_unit_offset": True, "attn_gate": True,
+            "moe_renorm": hf.get("norm_topk_prob", True), "moe_shared_d_ff": hf["shared_expert_intermediate_size"],
+            "dn_heads": hf["linear_num_key_heads"], "dn_v_heads": hf["linear_num_value_heads"],
+            "dn_head_dim": hf["linear_key_head_dim"], "dn_v_head_dim": hf["linear_value_head_dim"],
+            "dn_conv": hf["linear_conv_kernel_dim"]}
 
 
 # HF weight name -> ours; {} is the layer (and expert) index. Transposes and splits are listed per family.
@@ -879,15 +1017,48 @@ MIXTRAL_KEYS = {
     **{f"model.layers.{{}}.block_sparse_moe.experts.{{}}.{w}.weight": f"blocks.{{}}.ffn.experts.{{}}.{p}.weight"
        for w, p in (("w1", "gate"), ("w3", "up"), ("w2", "down"))},
 }
-HF_FAMILIES = {  # model_type -> (config translation, key map)
-    "gpt2": (hf_gpt2_config, GPT2_KEYS),
-    "llama": (hf_llama_config, LLAMA_KEYS),
-    "mistral": (hf_llama_config, LLAMA_KEYS),
-    "qwen3": (hf_qwen3_config, LLAMA_KEYS),
-    "gemma2": (hf_gemma_config, GEMMA_KEYS),
-    "gemma3_text": (hf_gemma3_config, GEMMA_KEYS),
-    "mixtral": (hf_mixtral_config, MIXTRAL_KEYS),
-    "qwen3_moe": (hf_qwen3_moe_config, MOE_KEYS),
+QWEN3_NEXT_KEYS = {
+    **MOE_KEYS,
+    **{f"model.layers.{{}}.linear_attn.{p}": f"blocks.{{}}.mixer.{q}" for p, q in [
+        ("in_proj_qkvz.weight", "in_proj_qkvz"), ("in_proj_ba.weight", "in_proj_ba"),
+        ("conv1d.weight", "conv.weight"), ("A_log", "A_log"), ("dt_bias", "dt_bias"),
+        ("norm.weight", "norm.weight"), ("out_proj.weight", "out_proj.weight")]},
+    **{f"model.layers.{{}}.mlp.shared_expert.{p}_proj.weight": f"blocks.{{}}.ffn.shared_expert.{p}.weight"
+       for p in ("gate", "up", "down")},
+    "model.layers.{}.mlp.shared_expert_gate.weight": "blocks.{}.ffn.shared_gate.weight",
+}
+
+
+def fix_gpt2(sd, cfg):
+    """Conv1D weights are (in, out): transpose to Linear's (out, in); split c_attn's [q | k | v]."""
+    for name in [n for n in sd if sd[n].dim() == 2 and not n.startswith(("wte", "wpe"))]:
+        sd[name] = sd[name].t()
+    for name in [n for n in sd if ".qkv." in n]:
+        for p, part in zip("qkv", sd.pop(name).split(cfg["d_model"], dim=0)):
+            sd[name.replace("qkv", f"{p}_proj")] = part
+
+
+def fix_qwen3_next(sd, cfg):
+    """HF groups in_proj_qkvz and in_proj_ba rows per key head ([q_g, k_g, v_g, z_g], [b_g, a_g]);
+    ours is one in_proj with rows [q, k, v, z, b, a]."""
+    nk, dk, dv = cfg["dn_heads"], cfg["dn_head_dim"], cfg["dn_v_head_dim"]
+    r = cfg["dn_v_heads"] // nk
+    for name in [n for n in sd if n.endswith("in_proj_qkvz")]:
+        qkvz = sd.pop(name).unflatten(0, (nk, -1)).split([dk, dk, r * dv, r * dv], dim=1)   # each (nk, *, C)
+        ba = sd.pop(name.replace("qkvz", "ba")).unflatten(0, (nk, -1)).split([r, r], dim=1)
+        sd[name.replace("in_proj_qkvz", "in_proj.weight")] = torch.cat([p.flatten(0, 1) for p in qkvz + ba])
+
+
+HF_FAMILIES = {  # model_type -> (config translation, key map, reshaping of the renamed weights)
+    "gpt2": (hf_gpt2_config, GPT2_KEYS, fix_gpt2),
+    "llama": (hf_llama_config, LLAMA_KEYS, None),
+    "mistral": (hf_llama_config, LLAMA_KEYS, None),
+    "qwen3": (hf_qwen3_config, LLAMA_KEYS, None),
+    "gemma2": (hf_gemma_config, GEMMA_KEYS, None),
+    "gemma3_text": (hf_gemma3_config, GEMMA_KEYS, None),
+    "mixtral": (hf_mixtral_config, MIXTRAL_KEYS, None),
+    "qwen3_moe": (hf_qwen3_moe_config, MOE_KEYS, None),
+    "qwen3_next": (hf_qwen3_next_config, QWEN3_NEXT_KEYS, fix_qwen3_next),
 }
 
 
@@ -899,8 +1070,8 @@ def rename_hf_key(name, keys):
     return keys[template].format(*numbers) if template in keys else None
 
 
-def load_hf_state_dict(hf_dir, keys, cfg):
-    """Read every safetensors file in hf_dir and rename (and reshape) its tensors to our names."""
+def load_hf_state_dict(hf_dir, keys):
+    """Read every safetensors file in hf_dir and rename its tensors to our names."""
     from safetensors.torch import load_file  # lazy: only needed for HF directories
     files = sorted(Path(hf_dir).glob("*.safetensors"))
     if not files:
@@ -912,12 +1083,6 @@ def load_hf_state_dict(hf_dir, keys, cfg):
             name = name.replace("model.language_model.", "model.")  # multimodal Gemma 3 wrapper
             ours = rename_hf_key(name, keys)
             if ours is None:
-                continue
-            if keys is GPT2_KEYS and t.dim() == 2 and not ours.startswith(("wte", "wpe")):
-                t = t.t()                                   # Conv1D (in, out) -> Linear (out, in)
-            if ours.endswith(("qkv.weight", "qkv.bias")):   # GPT-2's fused [q | k | v]
-                for p, part in zip("qkv", t.split(cfg["d_model"], dim=0)):
-                    sd[ours.replace("qkv", f"{p}_proj")] = part
                 continue
             sd[ours] = t
     return sd
@@ -935,9 +1100,11 @@ def from_pretrained(hf_dir):
         family = "gemma3_text"
     if family not in HF_FAMILIES:
         raise ValueError(f"HF model_type {family!r} is not supported; supported: {sorted(HF_FAMILIES)}")
-    make_config, keys = HF_FAMILIES[family]
+    make_config, keys, fix = HF_FAMILIES[family]
     raw = make_config(hf)
-    sd = load_hf_state_dict(hf_dir, keys, raw)
+    sd = load_hf_state_dict(hf_dir, keys)
+    if fix is not None:
+        fix(sd, raw)
     # HF ties the head to the embedding unless the file holds a different lm_head.weight
     head = sd.pop("lm_head.weight", None)
     untie = head is not None and not torch.equal(head, sd.get("wte.weight"))
