@@ -341,7 +341,8 @@ class Attention(nn.Module):
 
     def forward(self, x, ctx: Context, cache=None):                       # x: (B, T, C)
         B, T, _ = x.shape
-        q, gate = self.q_proj(x).view(B, T, self.nh, -1).split(self.hs, dim=-1)        # gate empty unless gated
+        qg = self.q_proj(x).view(B, T, self.nh, -1)                                     # (B, T, nh, hs or 2*hs)
+        q, gate = qg[..., :self.hs], qg[..., self.hs:]                                   # gate empty unless gated
         q = self.q_norm(q).transpose(1, 2)                                               # (B, nh, T, hs)
         k = self.k_norm(self.k_proj(x).view(B, T, self.nkv, self.hs)).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)               # (B, nkv, T, hs)
