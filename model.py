@@ -96,6 +96,14 @@ class Config:
     tie_embeddings: bool = True
     embed_scale: float | None = None  # multiply token embeddings (Gemma: sqrt(d_model))
     final_softcap: float | None = None  # logits -> cap*tanh(logits/cap) (Gemma 2)
+    # encoder-only (BERT family)
+    type_vocab_size: int = 0          # token-type (segment) embeddings added to the input (BERT: 2)
+    embed_dim: int | None = None      # factorised embeddings of this size, projected to d_model (ALBERT)
+    embed_norm: bool = False          # a norm right after the embeddings (BERT, ALBERT)
+    layer_groups: int | None = None   # cross-layer sharing: the n_layer layers reuse this many blocks (ALBERT)
+    head_transform: bool = False      # dense -> activation -> norm before the output matrix (BERT's MLM head)
+    head_bias: bool = False           # a bias on the output logits (BERT's MLM head)
+    cls_head: bool = False            # pooler tanh(W h[:, 0]) + 2-way classifier (BERT NSP, ALBERT SOP)
     # regularisation, init, memory
     dropout: float = 0.0
     drop_path: float = 0.0            # stochastic depth rate of every residual branch
@@ -135,6 +143,8 @@ class Config:
         if "local_attn" in self.layer_pattern and not self.sliding_window:
             raise ValueError("layer_pattern has local_attn layers but sliding_window is not set; "
                              "set sliding_window to the number of keys each query sees")
+        if self.layer_groups is not None and not 1 <= self.layer_groups <= self.n_layer:
+            raise ValueError(f"layer_groups={self.layer_groups} must be between 1 and n_layer={self.n_layer}")
         for key in ("dropout", "drop_path"):
             if not 0 <= getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)} must be in [0, 1)")
@@ -301,22 +311,25 @@ class Context(NamedTuple):
     """What every layer of one type needs to know about the current call, built once per forward."""
     pos: torch.Tensor        # (T,) absolute positions of the new tokens
     rope: tuple | None       # (cos, sin), each (T, rd), or None without RoPE
-    mask: torch.Tensor | None  # (T, S) or (T, T) bool, True = attend; None = plain causal
+    mask: torch.Tensor | None  # bool, True = attend, broadcast to (B, nh, T, S); None = causal or no mask
     use_cache: bool          # attend over the cache slots (decode) instead of the new keys (prefill)
+    causal: bool = True      # with mask None: causal (decoders) or attend everywhere (encoders)
 
 
-def attend(q, k, v, mask, scale, softcap, dropout):
+def attend(q, k, v, ctx, scale, softcap, dropout):
     """softmax(q·kᵀ·scale [softcap] + mask)·v. q: (B, nh, T, hs); k, v: (B, nkv, S, hs)."""
+    mask, causal = ctx.mask, ctx.causal and ctx.mask is None
     if softcap is None:  # torch's fused kernels (flash on GPU where the mask allows)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                              is_causal=mask is None, scale=scale, enable_gqa=True)
+                                              is_causal=causal, scale=scale, enable_gqa=True)
     g = q.shape[1] // k.shape[1]                     # repeat_kv: kv head h serves q heads h*g..h*g+g-1
     k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     s = (q @ k.transpose(-2, -1)) * scale            # (B, nh, T, S)
     s = softcap * torch.tanh(s / softcap)
-    if mask is None:
+    if causal:
         mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-    s = s.masked_fill(~mask, torch.finfo(s.dtype).min)
+    if mask is not None:
+        s = s.masked_fill(~mask, torch.finfo(s.dtype).min)
     p = F.dropout(F.softmax(s.float(), dim=-1).type_as(q), dropout)
     return p @ v                                     # (B, nh, T, hs)
 
@@ -352,7 +365,7 @@ class Attention(nn.Module):
             k_all, v_all = cache.update(ctx.pos, k, v)                    # (B, nkv, S, hs)
             if ctx.use_cache:
                 k, v = k_all, v_all
-        y = attend(q, k, v, ctx.mask, self.scale, self.softcap, self.dropout if self.training else 0.0)
+        y = attend(q, k, v, ctx, self.scale, self.softcap, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, self.nh * self.hs)                          # (B, T, nh*hs)
         if self.gated:  # gated attention (Qiu et al. 2025, arXiv:2505.06708)
             y = y * torch.sigmoid(gate.reshape(B, T, -1))
@@ -607,6 +620,7 @@ class ModelOutput(NamedTuple):
     logits: torch.Tensor               # (B, T, V)
     loss: torch.Tensor | None          # mean cross-entropy over targets != -1, or None
     aux_loss: torch.Tensor             # auxiliary losses (MoE balance, ACT ponder cost); 0 when unused
+    cls_logits: torch.Tensor | None = None  # (B, 2) NSP / SOP logits when the config has cls_head
 
 
 class Transformer(nn.Module):
@@ -617,22 +631,34 @@ class Transformer(nn.Module):
         self.config = cfg
         self.layer_types = layer_types(cfg)                    # [(mixer, ffn)] per layer
         self.mixer_types = [m for m, _ in self.layer_types]
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        E = cfg.embed_dim or cfg.d_model                       # embedding width (ALBERT: E < d_model)
+        self.wte = nn.Embedding(cfg.vocab_size, E)
         if cfg.position == "learned":
-            self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
+            self.wpe = nn.Embedding(cfg.block_size, E)
         if cfg.position == "sinusoidal":
-            self.register_buffer("wpe_table", sinusoidal_table(cfg.block_size, cfg.d_model), persistent=False)
+            self.register_buffer("wpe_table", sinusoidal_table(cfg.block_size, E), persistent=False)
+        if cfg.type_vocab_size:
+            self.wtt = nn.Embedding(cfg.type_vocab_size, E)
+        self.embed_norm = NORMS[cfg.norm](E, cfg) if cfg.embed_norm else nn.Identity()
+        self.embed_proj = nn.Linear(E, cfg.d_model) if cfg.embed_dim else nn.Identity()
         if cfg.position == "rope":  # one table per layer type: Gemma 3 uses another base for local layers
             theta = {"attn": (cfg.rope_theta, cfg.rope_scaling),
                      "local_attn": (cfg.rope_local_theta or cfg.rope_theta,
                                     "none" if cfg.rope_local_theta else cfg.rope_scaling)}
             self.rope = nn.ModuleDict({t: Rotary(cfg, *theta[t]) for t in set(self.mixer_types) & set(theta)})
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, t) for t in self.layer_types)
+        # layer i runs blocks[block_of[i]]: its own block, or its group's shared one (ALBERT)
+        groups = cfg.layer_groups or cfg.n_layer
+        self.block_of = [int(i / (cfg.n_layer / groups)) for i in range(cfg.n_layer)]
+        self.blocks = nn.ModuleList(Block(cfg, self.layer_types[self.block_of.index(g)]) for g in range(groups))
         self.norm_f = NORMS[cfg.norm](cfg.d_model, cfg) if cfg.final_norm else nn.Identity()
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head_transform = nn.Sequential(nn.Linear(cfg.d_model, E), ACTIVATIONS[cfg.activation],
+                                            NORMS[cfg.norm](E, cfg)) if cfg.head_transform else nn.Identity()
+        self.lm_head = nn.Linear(E, cfg.vocab_size, bias=cfg.head_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        if cfg.cls_head:
+            self.pooler, self.cls = nn.Linear(cfg.d_model, cfg.d_model), nn.Linear(cfg.d_model, 2)
         self.moes = [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
         self.apply(self._init_weights)
         if cfg.scaled_residual_init:  # GPT-2: residual projections shrink with depth
@@ -657,13 +683,17 @@ class Transformer(nn.Module):
             n -= sum(m.weight.numel() for m in (self.wte, getattr(self, "wpe", None)) if m is not None)
         return n
 
-    def contexts(self, pos, cache):
+    def contexts(self, pos, cache, attention_mask=None):
         """One Context per layer type: positions, RoPE tables and the attention mask."""
         use_cache = cache is not None and int(pos[0]) > 0
         ctx = {}
         for t in set(self.mixer_types):
             if t == "deltanet":  # carries its own state; no positions, no mask
                 ctx[t] = Context(pos, None, None, use_cache)
+                continue
+            if self.config.architecture == "encoder_only":  # bidirectional; padding keys masked
+                pad = attention_mask[:, None, None, :].bool() if attention_mask is not None else None
+                ctx[t] = Context(pos, self.rope[t](pos) if self.config.position == "rope" else None, pad, False, False)
                 continue
             window = self.config.sliding_window if t == "local_attn" else None
             rope = self.rope[t](pos) if self.config.position == "rope" else None
@@ -682,11 +712,13 @@ class Transformer(nn.Module):
             ctx[t] = Context(pos, rope, mask, use_cache)
         return ctx
 
-    def forward(self, input_ids, targets=None, cache=None, input_pos=None) -> ModelOutput:
-        """input_ids (B, T) -> ModelOutput(logits (B, T, V), loss, aux_loss).
+    def forward(self, input_ids, targets=None, cache=None, input_pos=None, token_type_ids=None,
+                attention_mask=None, cls_targets=None) -> ModelOutput:
+        """input_ids (B, T) -> ModelOutput(logits (B, T, V), loss, aux_loss, cls_logits).
 
         With `cache` (from setup_cache) the new tokens sit at `input_pos` (T,); a call starting at
-        position 0 is a prefill, a later one attends over the cached keys.
+        position 0 is a prefill, a later one attends over the cached keys. Encoders take
+        token_type_ids (B, T), attention_mask (B, T) with 1 = keep, and cls_targets (B,) for NSP/SOP.
         """
         B, T = input_ids.shape
         pos = input_pos if input_pos is not None else torch.arange(T, device=input_ids.device)
@@ -701,22 +733,28 @@ class Transformer(nn.Module):
             x = x + self.wpe(pos)
         if cfg.position == "sinusoidal":
             x = x + self.wpe_table[pos].to(x.dtype)
-        x = self.drop(x)
-        ctx = self.contexts(pos, cache)
-        for i, block in enumerate(self.blocks):
-            c, layer_cache = ctx[self.mixer_types[i]], cache[i] if cache is not None else None
+        if cfg.type_vocab_size:
+            x = x + self.wtt(token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids))
+        x = self.drop(self.embed_proj(self.embed_norm(x)))               # (B, T, C)
+        ctx = self.contexts(pos, cache, attention_mask)
+        for i, b in enumerate(self.block_of):
+            block, c, layer_cache = self.blocks[b], ctx[self.mixer_types[i]], cache[i] if cache is not None else None
             if cfg.grad_checkpoint and self.training:
                 x = checkpoint(block, x, c, layer_cache, use_reentrant=False)
             else:
                 x = block(x, c, layer_cache)
-        logits = self.lm_head(self.norm_f(x))                             # (B, T, V)
+        x = self.norm_f(x)
+        logits = self.lm_head(self.head_transform(x))                     # (B, T, V)
         if cfg.final_softcap is not None:
             logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
+        cls_logits = self.cls(torch.tanh(self.pooler(x[:, 0]))) if cfg.cls_head else None   # (B, 2)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        if cls_targets is not None:
+            loss = (0 if loss is None else loss) + F.cross_entropy(cls_logits.float(), cls_targets)
         aux = sum((m.aux_loss for m in self.moes), torch.zeros((), device=x.device))
-        return ModelOutput(logits, loss, aux)
+        return ModelOutput(logits, loss, aux, cls_logits)
 
     # ------------------------------------------------------------------------------------------
     # 5. Inference: cache and generation
@@ -739,6 +777,8 @@ class Transformer(nn.Module):
         temperature 0 is greedy. Filters apply in the order top_k, top_p, min_p. A row stops at
         any of stop_tokens (later positions repeat the stop token). callback(ids (B,)) streams.
         """
+        if self.config.architecture != "decoder_only":
+            raise ValueError(f"generate() samples from decoder-only models; this one is {self.config.architecture}")
         check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
         B, T = input_ids.shape
         if T + max_new_tokens > self.config.block_size:
@@ -850,7 +890,7 @@ def sample(logits, temperature=1.0, generator=None, **filters):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-ARCHITECTURES = {"decoder_only": Transformer}
+ARCHITECTURES = {"decoder_only": Transformer, "encoder_only": Transformer}
 
 # ----------------------------------------------------------------------------------------------
 # 6. Import: our checkpoints
@@ -978,6 +1018,23 @@ def hf_qwen3_next_config(hf):
             "dn_conv": hf["linear_conv_kernel_dim"]}
 
 
+def hf_bert_config(hf):
+    """BERT: post-LN encoder, learned positions, token types, embedding LayerNorm, MLM + NSP heads."""
+    return dict(architecture="encoder_only", vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
+                n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], d_model=hf["hidden_size"],
+                d_ff=hf["intermediate_size"], norm_eps=hf["layer_norm_eps"], norm_placement="post",
+                final_norm=False, activation=HF_ACTIVATIONS[hf["hidden_act"]], type_vocab_size=hf["type_vocab_size"],
+                embed_norm=True, head_transform=True, head_bias=True, cls_head=True,
+                tie_embeddings=hf.get("tie_word_embeddings", True))
+
+
+def hf_albert_config(hf):
+    """ALBERT: BERT with factorised embeddings (E < H) and blocks shared across layer groups; SOP head."""
+    if hf.get("inner_group_num", 1) != 1:
+        raise ValueError(f"ALBERT inner_group_num={hf['inner_group_num']} is not supported (released models use 1)")
+    return {**hf_bert_config(hf), "embed_dim": hf["embedding_size"], "layer_groups": hf["num_hidden_groups"]}
+
+
 # HF weight name -> ours; {} is the layer (and expert) index. Transposes and splits are listed per family.
 LLAMA_KEYS = {
     "model.embed_tokens.weight": "wte.weight",
@@ -1017,6 +1074,36 @@ MIXTRAL_KEYS = {
     "model.layers.{}.block_sparse_moe.gate.weight": "blocks.{}.ffn.router.weight",
     **{f"model.layers.{{}}.block_sparse_moe.experts.{{}}.{w}.weight": f"blocks.{{}}.ffn.experts.{{}}.{p}.weight"
        for w, p in (("w1", "gate"), ("w3", "up"), ("w2", "down"))},
+}
+BERT_LAYER = {"attention.self.query": "mixer.q_proj", "attention.self.key": "mixer.k_proj",
+              "attention.self.value": "mixer.v_proj", "attention.output.dense": "mixer.o_proj",
+              "attention.output.LayerNorm": "norm_1", "intermediate.dense": "ffn.up",
+              "output.dense": "ffn.down", "output.LayerNorm": "norm_2"}
+BERT_HEADS = {"pooler.dense": "pooler", "cls.predictions.transform.dense": "head_transform.0",
+              "cls.predictions.transform.LayerNorm": "head_transform.2", "cls.predictions.decoder": "lm_head",
+              "cls.seq_relationship": "cls"}
+BERT_KEYS = {
+    **{f"bert.embeddings.{a}_embeddings.weight": f"{b}.weight" for a, b in [("word", "wte"), ("position", "wpe"),
+                                                                            ("token_type", "wtt")]},
+    **{f"bert.embeddings.LayerNorm.{w}": f"embed_norm.{w}" for w in ("weight", "bias")},
+    **{f"bert.encoder.layer.{{}}.{a}.{w}": f"blocks.{{}}.{b}.{w}" for a, b in BERT_LAYER.items() for w in ("weight", "bias")},
+    **{f"{'bert.' if a.startswith('pooler') else ''}{a}.{w}": f"{b}.{w}" for a, b in BERT_HEADS.items()
+       for w in ("weight", "bias")},
+    "cls.predictions.bias": "lm_head.bias",
+}
+ALBERT_LAYER = {"attention.query": "mixer.q_proj", "attention.key": "mixer.k_proj", "attention.value": "mixer.v_proj",
+                "attention.dense": "mixer.o_proj", "attention.LayerNorm": "norm_1", "ffn": "ffn.up",
+                "ffn_output": "ffn.down", "full_layer_layer_norm": "norm_2"}
+ALBERT_HEADS = {"albert.pooler": "pooler", "predictions.dense": "head_transform.0",
+                "predictions.LayerNorm": "head_transform.2", "predictions.decoder": "lm_head",
+                "sop_classifier.classifier": "cls", "albert.embeddings.LayerNorm": "embed_norm",
+                "albert.encoder.embedding_hidden_mapping_in": "embed_proj"}
+ALBERT_KEYS = {  # group g, inner layer 0: blocks.{0} takes the group index only
+    **{k.replace("bert.", "albert."): v for k, v in BERT_KEYS.items() if "_embeddings" in k},
+    **{f"albert.encoder.albert_layer_groups.{{}}.albert_layers.{{}}.{a}.{w}": f"blocks.{{0}}.{b}.{w}"
+       for a, b in ALBERT_LAYER.items() for w in ("weight", "bias")},
+    **{f"{a}.{w}": f"{b}.{w}" for a, b in ALBERT_HEADS.items() for w in ("weight", "bias")},
+    "predictions.bias": "lm_head.bias",
 }
 QWEN3_NEXT_KEYS = {
     **MOE_KEYS,
@@ -1060,6 +1147,8 @@ HF_FAMILIES = {  # model_type -> (config translation, key map, reshaping of the 
     "mixtral": (hf_mixtral_config, MIXTRAL_KEYS, None),
     "qwen3_moe": (hf_qwen3_moe_config, MOE_KEYS, None),
     "qwen3_next": (hf_qwen3_next_config, QWEN3_NEXT_KEYS, fix_qwen3_next),
+    "bert": (hf_bert_config, BERT_KEYS, None),
+    "albert": (hf_albert_config, ALBERT_KEYS, None),
 }
 
 
