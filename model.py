@@ -35,6 +35,10 @@ class Config:
     """Every architectural choice. Unknown keys and bad values raise a one-line ValueError."""
 
     architecture: str = "decoder_only"  # a key of ARCHITECTURES
+    encoder: dict | None = None       # encoder_decoder: fields that differ in the encoder stack (n_layer, ...)
+    decoder: dict | None = None       # encoder_decoder: fields that differ in the decoder stack
+    cross_attention: bool = False     # blocks attend to an encoder output (set for an encoder-decoder's decoder)
+    decoder_start_token_id: int = 0   # first decoder input of an encoder-decoder
     # sizes
     vocab_size: int = 50304
     block_size: int = 1024            # longest sequence the model is meant to see
@@ -61,6 +65,9 @@ class Config:
     rope_high_freq_factor: float = 4.0
     rope_original_max_len: int = 8192      # context the RoPE was trained at (llama3, dynamic)
     rope_fraction: float = 1.0        # rotate only the first fraction of each head (partial RoPE)
+    pos_offset: int = 0               # learned position ids start here (BART: 2)
+    rel_buckets: int = 32             # relative_bias: buckets of key - query distance (T5)
+    rel_max_distance: int = 128       # relative_bias: distances beyond this share the last bucket
     # attention
     layer_pattern: tuple = ("attn",)  # keys of MIXERS tiled over the layers, e.g. 5 x local_attn + attn
     attention_type: str = "softmax"   # softmax: layer_pattern | linear: all deltanet | hybrid: see hybrid_ratio
@@ -96,6 +103,7 @@ class Config:
     tie_embeddings: bool = True
     embed_scale: float | None = None  # multiply token embeddings (Gemma: sqrt(d_model))
     final_softcap: float | None = None  # logits -> cap*tanh(logits/cap) (Gemma 2)
+    head_input_scale: float | None = None  # multiply the final hidden state before the head (T5: d_model**-0.5)
     # encoder-only (BERT family)
     type_vocab_size: int = 0          # token-type (segment) embeddings added to the input (BERT: 2)
     embed_dim: int | None = None      # factorised embeddings of this size, projected to d_model (ALBERT)
@@ -143,6 +151,11 @@ class Config:
         if "local_attn" in self.layer_pattern and not self.sliding_window:
             raise ValueError("layer_pattern has local_attn layers but sliding_window is not set; "
                              "set sliding_window to the number of keys each query sees")
+        for part in ("encoder", "decoder"):
+            for key in getattr(self, part) or {}:
+                check_choice(f"{part} section key", key, [f.name for f in dataclasses.fields(self)])
+        if self.architecture == "encoder_decoder":  # validate both stacks now, not at first use
+            stack_config(self, "encoder"), stack_config(self, "decoder")
         if self.layer_groups is not None and not 1 <= self.layer_groups <= self.n_layer:
             raise ValueError(f"layer_groups={self.layer_groups} must be between 1 and n_layer={self.n_layer}")
         for key in ("dropout", "drop_path"):
@@ -205,6 +218,13 @@ def check_type(name, value, tp):
     raise ValueError(f"config key {name}={value!r} must be {names}")
 
 
+def stack_config(cfg: Config, part: str) -> Config:
+    """One stack of an encoder-decoder: the shared fields, overridden by that stack's section."""
+    own = {"encoder": dict(architecture="encoder_only", tie_embeddings=True, head_bias=False, head_transform=False),
+           "decoder": dict(architecture="decoder_only", cross_attention=True)}[part]
+    return dataclasses.replace(cfg, encoder=None, decoder=None, **own, **(getattr(cfg, part) or {}))
+
+
 def layer_types(cfg: Config) -> list:
     """Per-layer (mixer, ffn) names: the patterns tiled over n_layer (Gemma 3: 5 local_attn, 1 attn)."""
     mix = {"softmax": cfg.layer_pattern, "linear": ("deltanet",),
@@ -242,15 +262,38 @@ PLACEMENTS = ("pre", "post", "sandwich")
 
 
 def sinusoidal_table(n_pos, dim):
-    """The fixed sin/cos table of "Attention Is All You Need" (arXiv:1706.03762): sin on even channels."""
+    """The fixed sin/cos table of "Attention Is All You Need" (arXiv:1706.03762), laid out as Marian
+    has it: sines in the first half of the channels, cosines in the second."""
     pos = torch.arange(n_pos, dtype=torch.float32)[:, None]                              # (P, 1)
-    inv = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    table = torch.zeros(n_pos, dim)
-    table[:, 0::2], table[:, 1::2] = torch.sin(pos * inv), torch.cos(pos * inv)
-    return table                                                                          # (P, C)
+    inv = 10000.0 ** -(torch.arange(0, dim, 2, dtype=torch.float32) / dim)              # (C/2,)
+    return torch.cat((torch.sin(pos * inv), torch.cos(pos * inv)), dim=-1)               # (P, C)
 
 
-POSITIONS = ("learned", "sinusoidal", "rope", "none")  # absolute ones are added to the embeddings
+POSITIONS = ("learned", "sinusoidal", "rope", "relative_bias", "none")  # absolute ones are added to the input
+
+
+class RelativeBias(nn.Module):
+    """T5's learned per-head bias on log-spaced buckets of key - query distance (Raffel et al. 2019,
+    arXiv:1910.10683). Bidirectional stacks split the buckets between the two signs."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.bidirectional = cfg.architecture == "encoder_only"
+        self.buckets, self.max_distance = cfg.rel_buckets, cfg.rel_max_distance
+        self.bias = nn.Embedding(cfg.rel_buckets, cfg.n_head)
+
+    def forward(self, rel):                                  # rel: (T, S) key position - query position
+        nb, bucket = self.buckets, torch.zeros_like(rel)
+        if self.bidirectional:
+            nb //= 2
+            bucket, n = nb * (rel > 0).long(), rel.abs()
+        else:
+            n = (-rel).clamp(min=0)
+        exact = nb // 2                                      # small distances get a bucket each
+        log = exact + (torch.log(n.float().clamp(min=1) / exact) / math.log(self.max_distance / exact)
+                       * (nb - exact)).long()
+        bucket = bucket + torch.where(n < exact, n, log.clamp(max=nb - 1))
+        return self.bias(bucket).permute(2, 0, 1)[None]      # (1, nh, T, S)
 
 
 def rope_linear(inv, cfg, seq_len):  # position interpolation (Chen et al. 2023, arXiv:2306.15595)
@@ -314,12 +357,13 @@ class Context(NamedTuple):
     mask: torch.Tensor | None  # bool, True = attend, broadcast to (B, nh, T, S); None = causal or no mask
     use_cache: bool          # attend over the cache slots (decode) instead of the new keys (prefill)
     causal: bool = True      # with mask None: causal (decoders) or attend everywhere (encoders)
+    memory: torch.Tensor | None = None  # cross-attention: the encoder output (B, S, C)
 
 
 def attend(q, k, v, ctx, scale, softcap, dropout):
     """softmax(q·kᵀ·scale [softcap] + mask)·v. q: (B, nh, T, hs); k, v: (B, nkv, S, hs)."""
     mask, causal = ctx.mask, ctx.causal and ctx.mask is None
-    if softcap is None:  # torch's fused kernels (flash on GPU where the mask allows)
+    if softcap is None:  # torch's fused kernels (flash on GPU where the mask allows); a float mask is added
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                               is_causal=causal, scale=scale, enable_gqa=True)
     g = q.shape[1] // k.shape[1]                     # repeat_kv: kv head h serves q heads h*g..h*g+g-1
@@ -357,19 +401,42 @@ class Attention(nn.Module):
         qg = self.q_proj(x).view(B, T, self.nh, -1)                                     # (B, T, nh, hs or 2*hs)
         q, gate = qg[..., :self.hs], qg[..., self.hs:]                                   # gate empty unless gated
         q = self.q_norm(q).transpose(1, 2)                                               # (B, nh, T, hs)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.nkv, self.hs)).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, self.nkv, self.hs).transpose(1, 2)               # (B, nkv, T, hs)
         if ctx.rope is not None:
-            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
-        if cache is not None:
-            k_all, v_all = cache.update(ctx.pos, k, v)                    # (B, nkv, S, hs)
-            if ctx.use_cache:
-                k, v = k_all, v_all
+            q = apply_rope(q, *ctx.rope)
+        k, v = self.keys_values(x, ctx, cache)                                           # (B, nkv, S, hs)
         y = attend(q, k, v, ctx, self.scale, self.softcap, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, self.nh * self.hs)                          # (B, T, nh*hs)
         if self.gated:  # gated attention (Qiu et al. 2025, arXiv:2505.06708)
             y = y * torch.sigmoid(gate.reshape(B, T, -1))
         return self.resid_drop(self.o_proj(y))
+
+    def project_kv(self, src):                                            # src: (B, S, C)
+        B, S, _ = src.shape
+        k = self.k_norm(self.k_proj(src).view(B, S, self.nkv, self.hs)).transpose(1, 2)   # (B, nkv, S, hs)
+        return k, self.v_proj(src).view(B, S, self.nkv, self.hs).transpose(1, 2)
+
+    def keys_values(self, x, ctx, cache):
+        """Self-attention: the new tokens' keys (RoPE'd), written to the cache; decoding reads all slots."""
+        k, v = self.project_kv(x)
+        if ctx.rope is not None:
+            k = apply_rope(k, *ctx.rope)
+        if cache is None:
+            return k, v
+        k_all, v_all = cache.update(ctx.pos, k, v)
+        return (k_all, v_all) if ctx.use_cache else (k, v)
+
+
+class CrossAttention(Attention):
+    """Decoder-to-encoder attention (arXiv:1706.03762): keys and values come from the encoder output
+    and are computed once per generation, then read from the cache."""
+
+    def keys_values(self, x, ctx, cache):
+        if cache is not None and ctx.use_cache:
+            return cache.k, cache.v
+        k, v = self.project_kv(ctx.memory)                                # (B, nkv, S, hs)
+        if cache is not None:
+            cache.k, cache.v = k, v
+        return k, v
 
 
 # ----------------------------------------------------------------------------------------------
@@ -601,15 +668,22 @@ class Block(nn.Module):
         self.post_norm_2 = make_norm() if sandwich else nn.Identity()
         mixer, ffn = layer_type
         self.mixer = MIXERS[mixer](cfg)
+        if cfg.cross_attention:  # between the mixer and the FFN, with a norm of its own
+            self.norm_x, self.cross = make_norm(), CrossAttention(cfg)
         self.ffn = MoE(cfg) if ffn == "moe" else FFNS[cfg.ffn](cfg)
         self.drop_path = DropPath(cfg.drop_path)
 
-    def forward(self, x, ctx: Context, cache=None):                  # x: (B, T, C)
+    def residual(self, x, norm, post_norm, f):                       # one branch; x: (B, T, C)
         if self.post_ln:
-            x = self.norm_1(x + self.drop_path(self.mixer(x, ctx, cache)))
-            return self.norm_2(x + self.drop_path(self.ffn(x)))
-        x = x + self.drop_path(self.post_norm_1(self.mixer(self.norm_1(x), ctx, cache)))
-        return x + self.drop_path(self.post_norm_2(self.ffn(self.norm_2(x))))
+            return norm(x + self.drop_path(f(x)))
+        return x + self.drop_path(post_norm(f(norm(x))))
+
+    def forward(self, x, ctx: Context, cache=None, cross_ctx: Context | None = None):
+        x = self.residual(x, self.norm_1, self.post_norm_1, lambda h: self.mixer(h, ctx, cache))
+        if cross_ctx is not None:
+            cross_cache = cache.cross if cache is not None else None
+            x = self.residual(x, self.norm_x, nn.Identity(), lambda h: self.cross(h, cross_ctx, cross_cache))
+        return self.residual(x, self.norm_2, self.post_norm_2, self.ffn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -626,6 +700,11 @@ class ModelOutput(NamedTuple):
 class Transformer(nn.Module):
     """Embeddings -> blocks laid out by layer_types -> final norm -> LM head."""
 
+    def __new__(cls, cfg=None, *args, **kwargs):  # Transformer(cfg) dispatches on cfg.architecture
+        if cls is Transformer and cfg is not None and cfg.architecture == "encoder_decoder":
+            cls = EncoderDecoder
+        return super().__new__(cls)
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.config = cfg
@@ -634,7 +713,9 @@ class Transformer(nn.Module):
         E = cfg.embed_dim or cfg.d_model                       # embedding width (ALBERT: E < d_model)
         self.wte = nn.Embedding(cfg.vocab_size, E)
         if cfg.position == "learned":
-            self.wpe = nn.Embedding(cfg.block_size, E)
+            self.wpe = nn.Embedding(cfg.block_size + cfg.pos_offset, E)
+        if cfg.position == "relative_bias":  # computed once per stack, shared by its layers (T5)
+            self.rel_bias = RelativeBias(cfg)
         if cfg.position == "sinusoidal":
             self.register_buffer("wpe_table", sinusoidal_table(cfg.block_size, E), persistent=False)
         if cfg.type_vocab_size:
@@ -685,65 +766,50 @@ class Transformer(nn.Module):
 
     def contexts(self, pos, cache, attention_mask=None):
         """One Context per layer type: positions, RoPE tables and the attention mask."""
+        cfg = self.config
         use_cache = cache is not None and int(pos[0]) > 0
+        causal = cfg.architecture != "encoder_only"
+        if attention_mask is not None and use_cache:
+            raise ValueError("attention_mask is for encoders and full forwards; cached decoding takes unpadded rows")
+        pad = attention_mask[:, None, None, :].bool() if attention_mask is not None else None   # (B, 1, 1, S)
         ctx = {}
         for t in set(self.mixer_types):
             if t == "deltanet":  # carries its own state; no positions, no mask
                 ctx[t] = Context(pos, None, None, use_cache)
                 continue
-            if self.config.architecture == "encoder_only":  # bidirectional; padding keys masked
-                pad = attention_mask[:, None, None, :].bool() if attention_mask is not None else None
-                ctx[t] = Context(pos, self.rope[t](pos) if self.config.position == "rope" else None, pad, False, False)
+            window = cfg.sliding_window if t == "local_attn" else None
+            rope = self.rope[t](pos) if cfg.position == "rope" else None
+            if not (use_cache or window or pad is not None or cfg.position == "relative_bias"):
+                ctx[t] = Context(pos, rope, None, False, causal)   # plain causal or unmasked: fused kernels
                 continue
-            window = self.config.sliding_window if t == "local_attn" else None
-            rope = self.rope[t](pos) if self.config.position == "rope" else None
+            kpos = pos
             if use_cache:  # keys are the cache slots; each slot's absolute position comes from the ring
-                slots = cache[self.mixer_types.index(t)].slots
-                last = pos[-1]
+                slots, last = cache[self.mixer_types.index(t)].slots, pos[-1]
                 kpos = last - (last - torch.arange(slots, device=pos.device)) % slots   # (S,)
-                mask = (kpos >= 0) & (kpos <= pos[:, None])                              # (T, S)
-                if window:
-                    mask &= kpos > pos[:, None] - window
-            elif window:  # keys are the new tokens: causal band of `window` keys, itself included
-                i = torch.arange(len(pos), device=pos.device)
-                mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)   # (T, T)
-            else:
-                mask = None
-            ctx[t] = Context(pos, rope, mask, use_cache)
+            rel = kpos[None, :] - pos[:, None]                                           # (T, S) key - query
+            mask = (kpos >= 0) & (rel <= 0) if causal else torch.ones_like(rel, dtype=torch.bool)
+            if window:  # a band of `window` keys, the query itself included
+                mask &= rel > -window
+            if pad is not None:
+                mask = mask & pad                                                        # (B, 1, T, S)
+            if cfg.position == "relative_bias":  # a float mask: the bias, and -inf where masked
+                mask = self.rel_bias(rel).masked_fill(~mask, float("-inf"))
+            ctx[t] = Context(pos, rope, mask, use_cache, causal)
         return ctx
 
     def forward(self, input_ids, targets=None, cache=None, input_pos=None, token_type_ids=None,
-                attention_mask=None, cls_targets=None) -> ModelOutput:
+                attention_mask=None, cls_targets=None, memory=None, memory_mask=None) -> ModelOutput:
         """input_ids (B, T) -> ModelOutput(logits (B, T, V), loss, aux_loss, cls_logits).
 
         With `cache` (from setup_cache) the new tokens sit at `input_pos` (T,); a call starting at
         position 0 is a prefill, a later one attends over the cached keys. Encoders take
         token_type_ids (B, T), attention_mask (B, T) with 1 = keep, and cls_targets (B,) for NSP/SOP.
+        A decoder with cross_attention reads `memory` (B, S, C) with padding `memory_mask` (B, S).
         """
-        B, T = input_ids.shape
-        pos = input_pos if input_pos is not None else torch.arange(T, device=input_ids.device)
-        if self.config.position in ("learned", "sinusoidal") and int(pos[-1]) >= self.config.block_size:
-            raise ValueError(f"position {int(pos[-1])} is beyond block_size={self.config.block_size} "
-                             f"(the position table's length); use a shorter input")
         cfg = self.config
-        x = self.wte(input_ids)                                          # (B, T, C)
-        if cfg.embed_scale is not None:  # a tensor in the working dtype, as Gemma rounds it
-            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
-        if cfg.position == "learned":
-            x = x + self.wpe(pos)
-        if cfg.position == "sinusoidal":
-            x = x + self.wpe_table[pos].to(x.dtype)
-        if cfg.type_vocab_size:
-            x = x + self.wtt(token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids))
-        x = self.drop(self.embed_proj(self.embed_norm(x)))               # (B, T, C)
-        ctx = self.contexts(pos, cache, attention_mask)
-        for i, b in enumerate(self.block_of):
-            block, c, layer_cache = self.blocks[b], ctx[self.mixer_types[i]], cache[i] if cache is not None else None
-            if cfg.grad_checkpoint and self.training:
-                x = checkpoint(block, x, c, layer_cache, use_reentrant=False)
-            else:
-                x = block(x, c, layer_cache)
-        x = self.norm_f(x)
+        x = self.hidden(input_ids, cache, input_pos, token_type_ids, attention_mask, memory, memory_mask)
+        if cfg.head_input_scale is not None:
+            x = x * cfg.head_input_scale
         logits = self.lm_head(self.head_transform(x))                     # (B, T, V)
         if cfg.final_softcap is not None:
             logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
@@ -756,6 +822,40 @@ class Transformer(nn.Module):
         aux = sum((m.aux_loss for m in self.moes), torch.zeros((), device=x.device))
         return ModelOutput(logits, loss, aux, cls_logits)
 
+    def hidden(self, input_ids, cache=None, input_pos=None, token_type_ids=None, attention_mask=None,
+               memory=None, memory_mask=None):
+        """Embeddings -> blocks -> final norm: the (B, T, C) states the heads read."""
+        B, T = input_ids.shape
+        pos = input_pos if input_pos is not None else torch.arange(T, device=input_ids.device)
+        if self.config.position in ("learned", "sinusoidal") and int(pos[-1]) >= self.config.block_size:
+            raise ValueError(f"position {int(pos[-1])} is beyond block_size={self.config.block_size} "
+                             f"(the position table's length); use a shorter input")
+        cfg = self.config
+        x = self.wte(input_ids)                                          # (B, T, C)
+        if cfg.embed_scale is not None:  # a tensor in the working dtype, as Gemma rounds it
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
+        if cfg.position == "learned":
+            x = x + self.wpe(pos + cfg.pos_offset)
+        if cfg.position == "sinusoidal":
+            x = x + self.wpe_table[pos].to(x.dtype)
+        if cfg.type_vocab_size:
+            x = x + self.wtt(token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids))
+        x = self.drop(self.embed_proj(self.embed_norm(x)))               # (B, T, C)
+        ctx = self.contexts(pos, cache, attention_mask)
+        cross_ctx = None
+        if cfg.cross_attention:
+            if memory is None:
+                raise ValueError("this decoder has cross-attention: pass memory= (the encoder output)")
+            mpad = memory_mask[:, None, None, :].bool() if memory_mask is not None else None
+            cross_ctx = Context(pos, None, mpad, cache is not None and int(pos[0]) > 0, False, memory)
+        for i, b in enumerate(self.block_of):
+            block, c, layer_cache = self.blocks[b], ctx[self.mixer_types[i]], cache[i] if cache is not None else None
+            if cfg.grad_checkpoint and self.training:
+                x = checkpoint(block, x, c, layer_cache, cross_ctx, use_reentrant=False)
+            else:
+                x = block(x, c, layer_cache, cross_ctx)
+        return self.norm_f(x)
+
     # ------------------------------------------------------------------------------------------
     # 5. Inference: cache and generation
 
@@ -764,10 +864,13 @@ class Transformer(nn.Module):
         p = self.lm_head.weight
         dtype, device = dtype or p.dtype, device or p.device
         cfg = self.config
-        return [DeltaNetState(batch_size, cfg, dtype, device) if t == "deltanet" else
-                KVCache(batch_size, cfg.kv_heads, max_len, cfg.hs,
-                        cfg.sliding_window if t == "local_attn" else None, dtype, device)
-                for t in self.mixer_types]
+        caches = [DeltaNetState(batch_size, cfg, dtype, device) if t == "deltanet" else
+                  KVCache(batch_size, cfg.kv_heads, max_len, cfg.hs,
+                          cfg.sliding_window if t == "local_attn" else None, dtype, device)
+                  for t in self.mixer_types]
+        for c in caches if cfg.cross_attention else ():
+            c.cross = CrossKV()  # a decoder layer's cross-attention K/V ride along with its own cache
+        return caches
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, min_p=None,
@@ -785,22 +888,87 @@ class Transformer(nn.Module):
             raise ValueError(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} exceeds the context of "
                              f"{self.config.block_size} tokens; shorten the prompt or ask for fewer tokens")
         cache = self.setup_cache(B, T + max_new_tokens, device=input_ids.device)
-        seq, done = input_ids, torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=input_ids.device)
-        logits = self(input_ids, cache=cache, input_pos=torch.arange(T, device=input_ids.device)).logits[:, -1]
-        for i in range(max_new_tokens):
-            logits = apply_repetition_penalty(logits, seq, repetition_penalty)
-            nxt = sample(logits, temperature, generator, top_k=top_k, top_p=top_p, min_p=min_p)   # (B,)
-            nxt = torch.where(done, seq[:, -1], nxt)  # finished rows keep repeating their stop token
-            seq = torch.cat((seq, nxt[:, None]), dim=1)
-            if callback is not None:
-                callback(nxt)
-            done |= torch.isin(nxt, stop)
-            if bool(done.all()) or i == max_new_tokens - 1:
-                break
-            pos = torch.tensor([T + i], device=input_ids.device)
-            logits = self(nxt[:, None], cache=cache, input_pos=pos).logits[:, -1]
-        return seq
+        step = lambda ids, pos: self(ids, cache=cache, input_pos=pos).logits[:, -1]  # noqa: E731
+        return sample_loop(step, input_ids, max_new_tokens, temperature, generator, repetition_penalty,
+                           stop_tokens, callback, top_k=top_k, top_p=top_p, min_p=min_p)
+
+
+class EncoderDecoder(Transformer):
+    """An encoder over the source and a decoder with cross-attention over the target (arXiv:1706.03762).
+    Both stacks are Transformers sharing one token embedding; `Transformer(cfg)` builds this class when
+    cfg.architecture is encoder_decoder."""
+
+    def __init__(self, cfg: Config):
+        nn.Module.__init__(self)
+        self.config = cfg
+        self.encoder = Transformer(stack_config(cfg, "encoder"))
+        self.decoder = Transformer(stack_config(cfg, "decoder"))
+        self.decoder.wte = self.encoder.wte
+        if self.decoder.config.tie_embeddings:
+            self.decoder.lm_head.weight = self.encoder.wte.weight
+
+    def get_num_params(self, non_embedding=False):
+        n = sum(p.numel() for p in self.parameters())
+        return n - (self.encoder.get_num_params() - self.encoder.get_num_params(True) if non_embedding else 0)
+
+    def forward(self, input_ids, decoder_input_ids=None, targets=None, attention_mask=None, cache=None,
+                input_pos=None, memory=None) -> ModelOutput:
+        """Source input_ids (B, S) with padding attention_mask (B, S); decoder_input_ids (B, T) ->
+        ModelOutput over the target. `memory` skips the encoder (cached generation passes it)."""
+        if decoder_input_ids is None:
+            raise ValueError("an encoder-decoder needs decoder_input_ids (the target shifted right)")
+        if memory is None:
+            memory = self.encoder.hidden(input_ids, attention_mask=attention_mask)   # (B, S, C)
+        out = self.decoder(decoder_input_ids, targets, cache, input_pos, memory=memory, memory_mask=attention_mask)
+        enc_aux = sum((m.aux_loss for m in self.encoder.moes), torch.zeros((), device=memory.device))
+        return out._replace(aux_loss=out.aux_loss + enc_aux)
+
+    def setup_cache(self, batch_size, max_len, dtype=None, device=None):
+        return self.decoder.setup_cache(batch_size, max_len, dtype, device)
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, min_p=None,
+                 repetition_penalty=1.0, stop_tokens=(), generator=None, callback=None, attention_mask=None):
+        """Encode input_ids (B, S) once, then sample the target from decoder_start_token_id;
+        returns (B, 1 + n) target ids, the start token first. Options as in Transformer.generate."""
+        check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+        B = input_ids.shape[0]
+        if 1 + max_new_tokens > self.decoder.config.block_size:
+            raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the decoder context of "
+                             f"{self.decoder.config.block_size} tokens; ask for fewer tokens")
+        memory = self.encoder.hidden(input_ids, attention_mask=attention_mask)
+        cache = self.setup_cache(B, 1 + max_new_tokens, device=input_ids.device)
+        step = lambda ids, pos: self(None, ids, attention_mask=attention_mask, cache=cache,  # noqa: E731
+                                     input_pos=pos, memory=memory).logits[:, -1]
+        start = torch.full((B, 1), self.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
+        return sample_loop(step, start, max_new_tokens, temperature, generator, repetition_penalty,
+                           stop_tokens, callback, top_k=top_k, top_p=top_p, min_p=min_p)
+
+
+def sample_loop(step, seq, max_new_tokens, temperature, generator, repetition_penalty, stop_tokens, callback,
+                **filters):
+    """Prefill `seq` (B, T) with step(ids, pos) -> next-token logits (B, V), then sample one token at a
+    time; a row that emits a stop token repeats it. Returns (B, T + n)."""
+    B, T = seq.shape
+    done = torch.zeros(B, dtype=torch.bool, device=seq.device)
+    stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=seq.device)
+    logits = step(seq, torch.arange(T, device=seq.device))
+    for i in range(max_new_tokens):
+        logits = apply_repetition_penalty(logits, seq, repetition_penalty)
+        nxt = torch.where(done, seq[:, -1], sample(logits, temperature, generator, **filters))   # (B,)
+        seq = torch.cat((seq, nxt[:, None]), dim=1)
+        if callback is not None:
+            callback(nxt)
+        done |= torch.isin(nxt, stop)
+        if bool(done.all()) or i == max_new_tokens - 1:
+            break
+        logits = step(nxt[:, None], torch.tensor([T + i], device=seq.device))
+    return seq
+
+
+class CrossKV:
+    """Cross-attention keys and values of one decoder layer, computed from the encoder output at prefill."""
+    k = v = None
 
 
 class KVCache(nn.Module):
@@ -890,7 +1058,7 @@ def sample(logits, temperature=1.0, generator=None, **filters):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-ARCHITECTURES = {"decoder_only": Transformer, "encoder_only": Transformer}
+ARCHITECTURES = {"decoder_only": Transformer, "encoder_only": Transformer, "encoder_decoder": EncoderDecoder}
 
 # ----------------------------------------------------------------------------------------------
 # 6. Import: our checkpoints
@@ -934,7 +1102,7 @@ def from_checkpoint(ckpt):
 
 HF_LAYER_TYPES = {"full_attention": "attn", "sliding_attention": "local_attn", "linear_attention": "deltanet"}
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-                  "relu": "relu", "silu": "silu"}
+                  "relu": "relu", "silu": "silu", "swish": "silu"}
 
 
 def hf_rope(hf, rope):
@@ -1035,6 +1203,38 @@ def hf_albert_config(hf):
     return {**hf_bert_config(hf), "embed_dim": hf["embedding_size"], "layer_groups": hf["num_hidden_groups"]}
 
 
+def hf_bart_config(hf):
+    """BART: post-LN encoder-decoder, learned positions offset by 2, layernorm_embedding, final_logits_bias."""
+    stacks = {part: dict(n_layer=hf[f"{part}_layers"], n_head=hf[f"{part}_attention_heads"],
+                         d_ff=hf[f"{part}_ffn_dim"]) for part in ("encoder", "decoder")}
+    return dict(architecture="encoder_decoder", **stacks, vocab_size=hf["vocab_size"], d_model=hf["d_model"],
+                n_layer=hf["decoder_layers"], n_head=hf["decoder_attention_heads"],
+                block_size=hf["max_position_embeddings"], pos_offset=2, embed_norm=True, norm_placement="post",
+                final_norm=False, head_bias=True, activation=HF_ACTIVATIONS[hf["activation_function"]],
+                embed_scale=hf["d_model"] ** 0.5 if hf.get("scale_embedding") else None,
+                decoder_start_token_id=hf["decoder_start_token_id"])
+
+
+def hf_marian_config(hf):
+    """Marian (the original Transformer for NMT): BART's layout with sinusoidal positions and no embedding norm."""
+    return {**hf_bart_config(hf), "position": "sinusoidal", "pos_offset": 0, "embed_norm": False}
+
+
+def hf_t5_config(hf):
+    """T5: pre-norm RMSNorm encoder-decoder, relative position bias, no attention scaling, no biases."""
+    gated = hf.get("is_gated_act", hf["feed_forward_proj"].startswith("gated"))
+    return dict(architecture="encoder_decoder", vocab_size=hf["vocab_size"], d_model=hf["d_model"],
+                head_dim=hf["d_kv"], d_ff=hf["d_ff"], n_head=hf["num_heads"], n_layer=hf["num_layers"],
+                decoder=dict(n_layer=hf.get("num_decoder_layers") or hf["num_layers"]),
+                block_size=hf.get("n_positions", 512), norm="rmsnorm", norm_eps=hf["layer_norm_epsilon"],
+                position="relative_bias", rel_buckets=hf["relative_attention_num_buckets"],
+                rel_max_distance=hf["relative_attention_max_distance"], attn_scale=1.0, bias=False,
+                ffn="glu" if gated else "mlp", activation=HF_ACTIVATIONS[hf.get("dense_act_fn", "relu")],
+                head_input_scale=hf["d_model"] ** -0.5 if hf.get("scale_decoder_outputs",
+                                                                  hf.get("tie_word_embeddings", True)) else None,
+                decoder_start_token_id=hf.get("decoder_start_token_id") or 0)
+
+
 # HF weight name -> ours; {} is the layer (and expert) index. Transposes and splits are listed per family.
 LLAMA_KEYS = {
     "model.embed_tokens.weight": "wte.weight",
@@ -1105,6 +1305,45 @@ ALBERT_KEYS = {  # group g, inner layer 0: blocks.{0} takes the group index only
     **{f"{a}.{w}": f"{b}.{w}" for a, b in ALBERT_HEADS.items() for w in ("weight", "bias")},
     "predictions.bias": "lm_head.bias",
 }
+BART_LAYER = {**{f"{a}_attn.{p}_proj": f"{b}.{p}_proj" for a, b in (("self", "mixer"), ("encoder", "cross"))
+                for p in "qkv"},
+              "self_attn.out_proj": "mixer.o_proj", "encoder_attn.out_proj": "cross.o_proj",
+              "self_attn_layer_norm": "norm_1", "encoder_attn_layer_norm": "norm_x",
+              "fc1": "ffn.up", "fc2": "ffn.down", "final_layer_norm": "norm_2"}
+BART_KEYS = {
+    "model.shared.weight": "encoder.wte.weight",
+    "lm_head.weight": "decoder.lm_head.weight",
+    "final_logits_bias": "decoder.lm_head.bias",
+    **{f"model.{s}.embed_tokens.weight": f"{s}.wte.weight" for s in ("encoder", "decoder")},
+    **{f"model.{s}.embed_positions.weight": f"{s}.wpe.weight" for s in ("encoder", "decoder")},
+    **{f"model.{s}.layernorm_embedding.{w}": f"{s}.embed_norm.{w}" for s in ("encoder", "decoder")
+       for w in ("weight", "bias")},
+    **{f"model.{s}.layers.{{}}.{a}.{w}": f"{s}.blocks.{{}}.{b}.{w}" for s in ("encoder", "decoder")
+       for a, b in BART_LAYER.items() for w in ("weight", "bias")},
+}
+MARIAN_KEYS = {k: v for k, v in BART_KEYS.items() if "embed_positions" not in k}  # sinusoidal: not weights
+T5_LAYER = {  # (stack, sub-layer) -> our names; the decoder's sub-layer 1 is cross-attention
+    **{f"{s}.block.{{}}.layer.0.SelfAttention.{p}.weight": f"{s}.blocks.{{}}.mixer.{p}_proj.weight"
+       for s in ("encoder", "decoder") for p in "qkvo"},
+    **{f"decoder.block.{{}}.layer.1.EncDecAttention.{p}.weight": f"decoder.blocks.{{}}.cross.{p}_proj.weight"
+       for p in "qkvo"},
+    **{f"{s}.block.{{}}.layer.0.layer_norm.weight": f"{s}.blocks.{{}}.norm_1.weight" for s in ("encoder", "decoder")},
+    "decoder.block.{}.layer.1.layer_norm.weight": "decoder.blocks.{}.norm_x.weight",
+    **{f"{s}.block.{{}}.layer.{i}.layer_norm.weight": f"{s}.blocks.{{}}.norm_2.weight"
+       for s, i in (("encoder", 1), ("decoder", 2))},
+    **{f"{s}.block.{{}}.layer.{i}.DenseReluDense.{a}.weight": f"{s}.blocks.{{}}.ffn.{b}.weight"
+       for s, i in (("encoder", 1), ("decoder", 2))
+       for a, b in (("wi", "up"), ("wi_0", "gate"), ("wi_1", "up"), ("wo", "down"))},
+}
+T5_KEYS = {
+    **T5_LAYER,
+    "shared.weight": "encoder.wte.weight",
+    "lm_head.weight": "decoder.lm_head.weight",
+    **{f"{s}.embed_tokens.weight": f"{s}.wte.weight" for s in ("encoder", "decoder")},
+    **{f"{s}.final_layer_norm.weight": f"{s}.norm_f.weight" for s in ("encoder", "decoder")},
+    **{f"{s}.block.{{}}.layer.{{}}.SelfAttention.relative_attention_bias.weight": f"{s}.rel_bias.bias.weight"
+       for s in ("encoder", "decoder")},
+}
 QWEN3_NEXT_KEYS = {
     **MOE_KEYS,
     **{f"model.layers.{{}}.linear_attn.{p}": f"blocks.{{}}.mixer.{q}" for p, q in [
@@ -1137,6 +1376,11 @@ def fix_qwen3_next(sd, cfg):
         sd[name.replace("in_proj_qkvz", "in_proj.weight")] = torch.cat([p.flatten(0, 1) for p in qkvz + ba])
 
 
+def fix_bart(sd, cfg):
+    """final_logits_bias is a (1, V) buffer; ours is the head's (V,) bias."""
+    sd["decoder.lm_head.bias"] = sd["decoder.lm_head.bias"].flatten()
+
+
 HF_FAMILIES = {  # model_type -> (config translation, key map, reshaping of the renamed weights)
     "gpt2": (hf_gpt2_config, GPT2_KEYS, fix_gpt2),
     "llama": (hf_llama_config, LLAMA_KEYS, None),
@@ -1149,15 +1393,23 @@ HF_FAMILIES = {  # model_type -> (config translation, key map, reshaping of the 
     "qwen3_next": (hf_qwen3_next_config, QWEN3_NEXT_KEYS, fix_qwen3_next),
     "bert": (hf_bert_config, BERT_KEYS, None),
     "albert": (hf_albert_config, ALBERT_KEYS, None),
+    "bart": (hf_bart_config, BART_KEYS, fix_bart),
+    "marian": (hf_marian_config, MARIAN_KEYS, fix_bart),
+    "t5": (hf_t5_config, T5_KEYS, None),
 }
 
 
 def rename_hf_key(name, keys):
-    """Map one HF weight name to ours through a key table with {} for layer (and expert) indices; None = skip."""
+    """Map one HF weight name to ours through a key table with {} for layer (and expert) indices; None = skip.
+    Every number is a {} first; failing that only the first (the layer), as T5's literal layer.0/1/2."""
     parts = name.split(".")
     numbers = [p for p in parts if p.isdigit()]
-    template = ".".join("{}" if p.isdigit() else p for p in parts)
-    return keys[template].format(*numbers) if template in keys else None
+    every = ".".join("{}" if p.isdigit() else p for p in parts)
+    first = ".".join(parts[:parts.index(numbers[0])] + ["{}"] + parts[parts.index(numbers[0]) + 1:]) if numbers else name
+    for template, args in ((every, numbers), (first, numbers[:1])):
+        if template in keys:
+            return keys[template].format(*args)
+    return None
 
 
 def load_hf_state_dict(hf_dir, keys):
@@ -1196,14 +1448,22 @@ def from_pretrained(hf_dir):
     if fix is not None:
         fix(sd, raw)
     # HF ties the head to the embedding unless the file holds a different lm_head.weight
-    head = sd.pop("lm_head.weight", None)
-    untie = head is not None and not torch.equal(head, sd.get("wte.weight"))
+    head_key = next((k for k in sd if k.endswith("lm_head.weight")), None)
+    head = sd.pop(head_key) if head_key else None
+    embed = next(v for k, v in sd.items() if k.endswith("wte.weight"))
+    untie = head is not None and not torch.equal(head, embed)
     cfg = Config.from_dict({**raw, "tie_embeddings": not untie})
     model = Transformer(cfg)
     if untie:
-        sd["lm_head.weight"] = head
+        sd[head_key] = head
+    shared = {}  # one tensor under several names: a tied head, an encoder-decoder's one embedding
+    for name, p in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(name)
+    for names in shared.values():
+        src = next((n for n in names if n in sd), None)
+        for n in names if src else ():
+            sd.setdefault(n, sd[src])
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [m for m in missing if not (m == "lm_head.weight" and cfg.tie_embeddings)]
     if missing or unexpected:
         raise ValueError(f"{hf_dir}: weights do not match the {family} layout "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
