@@ -66,8 +66,8 @@ class Config:
     rope_original_max_len: int = 8192      # context the RoPE was trained at (llama3, dynamic)
     rope_fraction: float = 1.0        # rotate only the first fraction of each head (partial RoPE)
     pos_offset: int = 0               # learned position ids start here (BART: 2)
-    rel_buckets: int = 32             # relative_bias: buckets of key - query distance (T5)
-    rel_max_distance: int = 128       # relative_bias: distances beyond this share the last bucket
+    rel_buckets: int = 32             # relative_bias: buckets of key - query distance (T5); disentangled: span
+    rel_max_distance: int = 128       # distances beyond this share the last bucket (T5) / log-bucket range
     # attention
     layer_pattern: tuple = ("attn",)  # keys of MIXERS tiled over the layers, e.g. 5 x local_attn + attn
     attention_type: str = "softmax"   # softmax: layer_pattern | linear: all deltanet | hybrid: see hybrid_ratio
@@ -269,7 +269,7 @@ def sinusoidal_table(n_pos, dim):
     return torch.cat((torch.sin(pos * inv), torch.cos(pos * inv)), dim=-1)               # (P, C)
 
 
-POSITIONS = ("learned", "sinusoidal", "rope", "relative_bias", "none")  # absolute ones are added to the input
+POSITIONS = ("learned", "sinusoidal", "rope", "relative_bias", "disentangled", "none")  # absolute ones: added
 
 
 class RelativeBias(nn.Module):
@@ -350,6 +350,16 @@ def apply_rope(x, cos, sin):                         # x: (B, nh, T, hs); cos, s
 # 2. Building blocks: attention
 
 
+def deberta_buckets(rel, span, max_distance):
+    """DeBERTa's relative index of query - key distance rel: exact within span/2, log-spaced beyond,
+    shifted into [0, 2*span) rows of the relative embedding table."""
+    mid = span // 2
+    far = rel.abs().clamp(min=mid - 1).float()                 # |rel| < mid never takes this branch
+    log = torch.ceil(torch.log(far / mid) / math.log((max_distance - 1) / mid) * (mid - 1)) + mid
+    bucket = torch.where(rel.abs() <= mid, rel, (log * rel.sign()).long())
+    return (bucket + span).clamp(0, 2 * span - 1)
+
+
 class Context(NamedTuple):
     """What every layer of one type needs to know about the current call, built once per forward."""
     pos: torch.Tensor        # (T,) absolute positions of the new tokens
@@ -358,6 +368,7 @@ class Context(NamedTuple):
     use_cache: bool          # attend over the cache slots (decode) instead of the new keys (prefill)
     causal: bool = True      # with mask None: causal (decoders) or attend everywhere (encoders)
     memory: torch.Tensor | None = None  # cross-attention: the encoder output (B, S, C)
+    rel_pos: tuple | None = None  # disentangled attention: normed relative embeddings (2span, C), index (T, T)
 
 
 def attend(q, k, v, ctx, scale, softcap, dropout):
@@ -404,11 +415,26 @@ class Attention(nn.Module):
         if ctx.rope is not None:
             q = apply_rope(q, *ctx.rope)
         k, v = self.keys_values(x, ctx, cache)                                           # (B, nkv, S, hs)
+        if ctx.rel_pos is not None:
+            ctx = ctx._replace(mask=self.disentangled_bias(q, k, *ctx.rel_pos, ctx.mask))
         y = attend(q, k, v, ctx, self.scale, self.softcap, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, self.nh * self.hs)                          # (B, T, nh*hs)
         if self.gated:  # gated attention (Qiu et al. 2025, arXiv:2505.06708)
             y = y * torch.sigmoid(gate.reshape(B, T, -1))
         return self.resid_drop(self.o_proj(y))
+
+    def disentangled_bias(self, q, k, R, idx, pad):
+        """DeBERTa (He et al. 2020, arXiv:2006.03654): content-to-position q_i·Kr[idx(i,j)] plus
+        position-to-content k_j·Qr[idx(i,j)], with Kr, Qr the relative embeddings R through this
+        layer's own key and query projections; scaled like q·k and added as a float mask."""
+        B, nh, T, hs = q.shape
+        Qr = self.q_proj(R).view(1, -1, nh, hs).transpose(1, 2)              # (1, nh, 2span, hs)
+        Kr = self.k_proj(R).view(1, -1, nh, hs).transpose(1, 2)
+        index = idx.expand(B, nh, T, T)
+        c2p = (q @ Kr.transpose(-1, -2)).gather(-1, index)                   # (B, nh, T, T)
+        p2c = (k @ Qr.transpose(-1, -2)).gather(-1, index.transpose(-1, -2)).transpose(-1, -2)
+        bias = (c2p + p2c) * self.scale
+        return bias if pad is None else bias.masked_fill(~pad, float("-inf"))
 
     def project_kv(self, src):                                            # src: (B, S, C)
         B, S, _ = src.shape
@@ -716,6 +742,9 @@ class Transformer(nn.Module):
             self.wpe = nn.Embedding(cfg.block_size + cfg.pos_offset, E)
         if cfg.position == "relative_bias":  # computed once per stack, shared by its layers (T5)
             self.rel_bias = RelativeBias(cfg)
+        if cfg.position == "disentangled":  # DeBERTa: one normed table shared by every layer
+            self.rel_embeddings = nn.Embedding(2 * cfg.rel_buckets, cfg.d_model)
+            self.rel_norm = NORMS[cfg.norm](cfg.d_model, cfg)
         if cfg.position == "sinusoidal":
             self.register_buffer("wpe_table", sinusoidal_table(cfg.block_size, E), persistent=False)
         if cfg.type_vocab_size:
@@ -779,7 +808,7 @@ class Transformer(nn.Module):
                 continue
             window = cfg.sliding_window if t == "local_attn" else None
             rope = self.rope[t](pos) if cfg.position == "rope" else None
-            if not (use_cache or window or pad is not None or cfg.position == "relative_bias"):
+            if not (use_cache or window or pad is not None or cfg.position in ("relative_bias", "disentangled")):
                 ctx[t] = Context(pos, rope, None, False, causal)   # plain causal or unmasked: fused kernels
                 continue
             kpos = pos
@@ -794,7 +823,11 @@ class Transformer(nn.Module):
                 mask = mask & pad                                                        # (B, 1, T, S)
             if cfg.position == "relative_bias":  # a float mask: the bias, and -inf where masked
                 mask = self.rel_bias(rel).masked_fill(~mask, float("-inf"))
-            ctx[t] = Context(pos, rope, mask, use_cache, causal)
+            rel_pos = None
+            if cfg.position == "disentangled":  # the layers add their own bias to this mask
+                idx = deberta_buckets(-rel, cfg.rel_buckets, cfg.rel_max_distance)      # (T, T), query - key
+                rel_pos = (self.rel_norm(self.rel_embeddings.weight), idx)
+            ctx[t] = Context(pos, rope, mask, use_cache, causal, rel_pos=rel_pos)
         return ctx
 
     def forward(self, input_ids, targets=None, cache=None, input_pos=None, token_type_ids=None,
@@ -1203,6 +1236,23 @@ def hf_albert_config(hf):
     return {**hf_bert_config(hf), "embed_dim": hf["embedding_size"], "layer_groups": hf["num_hidden_groups"]}
 
 
+def hf_deberta_config(hf):
+    """DeBERTa-v3: BERT's post-LN encoder with disentangled attention over log-bucketed relative positions."""
+    supported = (hf.get("relative_attention") and not hf.get("position_biased_input", True)
+                 and hf.get("share_att_key") and sorted(hf.get("pos_att_type") or []) == ["c2p", "p2c"]
+                 and hf.get("position_buckets", -1) > 0 and "layer_norm" in hf.get("norm_rel_ebd", "")
+                 and hf.get("embedding_size", hf["hidden_size"]) == hf["hidden_size"] and not hf.get("type_vocab_size"))
+    if not supported:
+        raise ValueError("only DeBERTa-v3-style configs are supported (relative_attention, no absolute positions, "
+                         "shared c2p+p2c keys, position_buckets > 0, norm_rel_ebd layer_norm, no token types)")
+    hs = hf["hidden_size"] // hf["num_attention_heads"]
+    max_rel = hf.get("max_relative_positions", -1)
+    return {**hf_bert_config({**hf, "type_vocab_size": 0}), "position": "disentangled", "cls_head": False,
+            "rel_buckets": hf["position_buckets"],
+            "rel_max_distance": max_rel if max_rel > 0 else hf["max_position_embeddings"],
+            "attn_scale": (3 * hs) ** -0.5}  # q·k and both relative terms share sqrt(3·hs)
+
+
 def hf_bart_config(hf):
     """BART: post-LN encoder-decoder, learned positions offset by 2, layernorm_embedding, final_logits_bias."""
     stacks = {part: dict(n_layer=hf[f"{part}_layers"], n_head=hf[f"{part}_attention_heads"],
@@ -1344,6 +1394,16 @@ T5_KEYS = {
     **{f"{s}.block.{{}}.layer.{{}}.SelfAttention.relative_attention_bias.weight": f"{s}.rel_bias.bias.weight"
        for s in ("encoder", "decoder")},
 }
+DEBERTA_KEYS = {
+    "deberta.embeddings.word_embeddings.weight": "wte.weight",
+    **{f"deberta.embeddings.LayerNorm.{w}": f"embed_norm.{w}" for w in ("weight", "bias")},
+    "deberta.encoder.rel_embeddings.weight": "rel_embeddings.weight",
+    **{f"deberta.encoder.LayerNorm.{w}": f"rel_norm.{w}" for w in ("weight", "bias")},
+    **{f"deberta.encoder.layer.{{}}.{a}.{w}": f"blocks.{{}}.{b}.{w}" for w in ("weight", "bias") for a, b in
+       {**BERT_LAYER, **{f"attention.self.{p}_proj": f"mixer.{p[0]}_proj" for p in ("query", "key", "value")}}.items()
+       if not a.endswith(("query", "key", "value"))},
+    **{k: v for k, v in BERT_KEYS.items() if k.startswith("cls.predictions")},
+}
 QWEN3_NEXT_KEYS = {
     **MOE_KEYS,
     **{f"model.layers.{{}}.linear_attn.{p}": f"blocks.{{}}.mixer.{q}" for p, q in [
@@ -1393,6 +1453,7 @@ HF_FAMILIES = {  # model_type -> (config translation, key map, reshaping of the 
     "qwen3_next": (hf_qwen3_next_config, QWEN3_NEXT_KEYS, fix_qwen3_next),
     "bert": (hf_bert_config, BERT_KEYS, None),
     "albert": (hf_albert_config, ALBERT_KEYS, None),
+    "deberta-v2": (hf_deberta_config, DEBERTA_KEYS, None),
     "bart": (hf_bart_config, BART_KEYS, fix_bart),
     "marian": (hf_marian_config, MARIAN_KEYS, fix_bart),
     "t5": (hf_t5_config, T5_KEYS, None),
