@@ -112,6 +112,11 @@ class Config:
     head_transform: bool = False      # dense -> activation -> norm before the output matrix (BERT's MLM head)
     head_bias: bool = False           # a bias on the output logits (BERT's MLM head)
     cls_head: bool = False            # pooler tanh(W h[:, 0]) + 2-way classifier (BERT NSP, ALBERT SOP)
+    # recurrence in depth: Universal Transformer = layer_groups 1 (one block, n_layer steps) + these
+    depth_embedding: str = "none"     # none | sinusoidal (position + step timing) | learned: added before each step
+    act: bool = False                 # Adaptive Computation Time: per-position halting over the n_layer steps
+    act_threshold: float = 0.99       # halt once the summed halting probability passes 1 - eps
+    act_weight: float = 0.01          # ponder cost weight inside aux_loss
     # regularisation, init, memory
     dropout: float = 0.0
     drop_path: float = 0.0            # stochastic depth rate of every residual branch
@@ -132,6 +137,7 @@ class Config:
             check_choice("ffn_pattern entry", t, ("dense", "moe"))
         check_choice("moe_router", self.moe_router, ROUTERS)
         check_choice("attention_type", self.attention_type, ("softmax", "linear", "hybrid"))
+        check_choice("depth_embedding", self.depth_embedding, ("none", "sinusoidal", "learned"))
         if self.dn_v_heads is not None and self.dn_v_heads % self.dn_heads:
             raise ValueError(f"dn_v_heads={self.dn_v_heads} must be a multiple of dn_heads={self.dn_heads}")
         if "moe" in self.ffn_pattern and not 1 <= self.moe_top_k <= self.n_expert:
@@ -712,6 +718,35 @@ class Block(nn.Module):
         return self.residual(x, self.norm_2, self.post_norm_2, self.ffn)
 
 
+class ACT(nn.Module):
+    """Adaptive Computation Time (Graves 2016, arXiv:1603.08983) as the Universal Transformer uses it
+    (Dehghani et al. 2018, arXiv:1807.03819): each position accumulates halting probabilities over the
+    depth steps; its output is the halting-weighted sum of its states, so once halted it stops changing.
+    Every step still runs on every position (halted ones keep serving as keys), so a token's result
+    never depends on how many steps other tokens took, and cached decoding equals a full forward."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.halt = nn.Linear(cfg.d_model, 1)
+        self.threshold, self.weight = cfg.act_threshold, cfg.act_weight
+        self.aux_loss = torch.zeros(())
+
+    def forward(self, x, state, last):
+        """Halting weights (B, T) of this step's output, from its input x; state = (total p, remainder,
+        steps), each (B, T). The last step halts every position still running (weights sum to 1)."""
+        total, rem, steps = state
+        p = torch.sigmoid(self.halt(x).squeeze(-1).float())
+        running = (total < 1).float()
+        halts = running if last else ((total + p * running) > self.threshold).float() * running
+        running = running - halts
+        total = total + p * running
+        rem = rem + halts * (1 - total)                 # the remainder R = 1 - (sum of earlier p)
+        total = total + halts * rem
+        steps = steps + running + halts
+        self.aux_loss = self.weight * (steps + rem).mean()   # ponder cost N + R
+        return p * running + halts * rem, (total, rem, steps)
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. Model and heads
 
@@ -769,7 +804,14 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.wte.weight
         if cfg.cls_head:
             self.pooler, self.cls = nn.Linear(cfg.d_model, cfg.d_model), nn.Linear(cfg.d_model, 2)
-        self.moes = [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+        if cfg.depth_embedding == "sinusoidal":  # UT's coordinate embedding: position and step timing
+            self.register_buffer("step_table", sinusoidal_table(cfg.n_layer, cfg.d_model), persistent=False)
+            self.register_buffer("pos_table", sinusoidal_table(cfg.block_size, cfg.d_model), persistent=False)
+        if cfg.depth_embedding == "learned":
+            self.step_emb = nn.Embedding(cfg.n_layer, cfg.d_model)
+        self.act = ACT(cfg) if cfg.act else None
+        # modules whose aux_loss (set in their forward) joins the output's aux_loss
+        self.aux_modules = [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)] + ([self.act] if cfg.act else [])
         self.apply(self._init_weights)
         if cfg.scaled_residual_init:  # GPT-2: residual projections shrink with depth
             for name, p in self.named_parameters():
@@ -852,18 +894,49 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         if cls_targets is not None:
             loss = (0 if loss is None else loss) + F.cross_entropy(cls_logits.float(), cls_targets)
-        aux = sum((m.aux_loss for m in self.moes), torch.zeros((), device=x.device))
+        aux = sum((m.aux_loss for m in self.aux_modules), torch.zeros((), device=x.device))
         return ModelOutput(logits, loss, aux, cls_logits)
 
     def hidden(self, input_ids, cache=None, input_pos=None, token_type_ids=None, attention_mask=None,
                memory=None, memory_mask=None):
         """Embeddings -> blocks -> final norm: the (B, T, C) states the heads read."""
-        B, T = input_ids.shape
+        cfg, (B, T) = self.config, input_ids.shape
         pos = input_pos if input_pos is not None else torch.arange(T, device=input_ids.device)
-        if self.config.position in ("learned", "sinusoidal") and int(pos[-1]) >= self.config.block_size:
-            raise ValueError(f"position {int(pos[-1])} is beyond block_size={self.config.block_size} "
-                             f"(the position table's length); use a shorter input")
+        x = self.embed(input_ids, pos, token_type_ids)                   # (B, T, C)
+        ctx = self.contexts(pos, cache, attention_mask)
+        cross_ctx = None
+        if cfg.cross_attention:
+            if memory is None:
+                raise ValueError("this decoder has cross-attention: pass memory= (the encoder output)")
+            mpad = memory_mask[:, None, None, :].bool() if memory_mask is not None else None
+            cross_ctx = Context(pos, None, mpad, cache is not None and int(pos[0]) > 0, False, memory)
+        halting = [torch.zeros(B, T, device=x.device)] * 3 if self.act else None
+        out = torch.zeros_like(x)                                        # ACT: halting-weighted sum of states
+        for i, b in enumerate(self.block_of):
+            if cfg.depth_embedding != "none":
+                x = x + self.depth_signal(i, pos)
+            if self.act is not None:
+                w, halting = self.act(x, halting, last=i == cfg.n_layer - 1)       # (B, T)
+            block, c, layer_cache = self.blocks[b], ctx[self.mixer_types[i]], cache[i] if cache is not None else None
+            if cfg.grad_checkpoint and self.training:
+                x = checkpoint(block, x, c, layer_cache, cross_ctx, use_reentrant=False)
+            else:
+                x = block(x, c, layer_cache, cross_ctx)
+            if self.act is not None:
+                out = out + w[..., None].to(x.dtype) * x
+        return self.norm_f(out if self.act is not None else x)
+
+    def depth_signal(self, step, pos):                                   # -> (T, C) or (C,)
+        if self.config.depth_embedding == "learned":
+            return self.step_emb.weight[step]
+        return self.step_table[step] + self.pos_table[pos]
+
+    def embed(self, input_ids, pos, token_type_ids=None):
+        """Token (+ position, + token type) embeddings, normed and projected to d_model: (B, T, C)."""
         cfg = self.config
+        if cfg.position in ("learned", "sinusoidal") and int(pos[-1]) >= cfg.block_size:
+            raise ValueError(f"position {int(pos[-1])} is beyond block_size={cfg.block_size} "
+                             f"(the position table's length); use a shorter input")
         x = self.wte(input_ids)                                          # (B, T, C)
         if cfg.embed_scale is not None:  # a tensor in the working dtype, as Gemma rounds it
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
@@ -873,21 +946,7 @@ class Transformer(nn.Module):
             x = x + self.wpe_table[pos].to(x.dtype)
         if cfg.type_vocab_size:
             x = x + self.wtt(token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids))
-        x = self.drop(self.embed_proj(self.embed_norm(x)))               # (B, T, C)
-        ctx = self.contexts(pos, cache, attention_mask)
-        cross_ctx = None
-        if cfg.cross_attention:
-            if memory is None:
-                raise ValueError("this decoder has cross-attention: pass memory= (the encoder output)")
-            mpad = memory_mask[:, None, None, :].bool() if memory_mask is not None else None
-            cross_ctx = Context(pos, None, mpad, cache is not None and int(pos[0]) > 0, False, memory)
-        for i, b in enumerate(self.block_of):
-            block, c, layer_cache = self.blocks[b], ctx[self.mixer_types[i]], cache[i] if cache is not None else None
-            if cfg.grad_checkpoint and self.training:
-                x = checkpoint(block, x, c, layer_cache, cross_ctx, use_reentrant=False)
-            else:
-                x = block(x, c, layer_cache, cross_ctx)
-        return self.norm_f(x)
+        return self.drop(self.embed_proj(self.embed_norm(x)))           # (B, T, C)
 
     # ------------------------------------------------------------------------------------------
     # 5. Inference: cache and generation
@@ -953,7 +1012,7 @@ class EncoderDecoder(Transformer):
         if memory is None:
             memory = self.encoder.hidden(input_ids, attention_mask=attention_mask)   # (B, S, C)
         out = self.decoder(decoder_input_ids, targets, cache, input_pos, memory=memory, memory_mask=attention_mask)
-        enc_aux = sum((m.aux_loss for m in self.encoder.moes), torch.zeros((), device=memory.device))
+        enc_aux = sum((m.aux_loss for m in self.encoder.aux_modules), torch.zeros((), device=memory.device))
         return out._replace(aux_loss=out.aux_loss + enc_aux)
 
     def setup_cache(self, batch_size, max_len, dtype=None, device=None):
