@@ -112,6 +112,12 @@ class Config:
     head_transform: bool = False      # dense -> activation -> norm before the output matrix (BERT's MLM head)
     head_bias: bool = False           # a bias on the output logits (BERT's MLM head)
     cls_head: bool = False            # pooler tanh(W h[:, 0]) + 2-way classifier (BERT NSP, ALBERT SOP)
+    # recurrence in time: Block-Recurrent Transformer (block_width > 0 lays out block_attn/recurrent layers)
+    block_width: int = 0              # tokens per block; attention sees the current and the previous block
+    recurrent_layers: tuple = ()      # indices of the layers that carry state vectors
+    n_states: int = 32                # state vectors per recurrent layer
+    state_gate: str = "fixed"         # fixed | lstm
+    state_dropout: float = 0.0        # dropout on the new state content during training
     # recurrence in depth: Universal Transformer = layer_groups 1 (one block, n_layer steps) + these
     depth_embedding: str = "none"     # none | sinusoidal (position + step timing) | learned: added before each step
     act: bool = False                 # Adaptive Computation Time: per-position halting over the n_layer steps
@@ -138,6 +144,10 @@ class Config:
         check_choice("moe_router", self.moe_router, ROUTERS)
         check_choice("attention_type", self.attention_type, ("softmax", "linear", "hybrid"))
         check_choice("depth_embedding", self.depth_embedding, ("none", "sinusoidal", "learned"))
+        check_choice("state_gate", self.state_gate, ("fixed", "lstm"))
+        if any(not 0 <= i < self.n_layer for i in self.recurrent_layers) or (self.recurrent_layers and not self.block_width):
+            raise ValueError(f"recurrent_layers={list(self.recurrent_layers)} must be layer indices below "
+                             f"n_layer={self.n_layer}, with block_width > 0")
         if self.dn_v_heads is not None and self.dn_v_heads % self.dn_heads:
             raise ValueError(f"dn_v_heads={self.dn_v_heads} must be a multiple of dn_heads={self.dn_heads}")
         if "moe" in self.ffn_pattern and not 1 <= self.moe_top_k <= self.n_expert:
@@ -235,6 +245,8 @@ def layer_types(cfg: Config) -> list:
     """Per-layer (mixer, ffn) names: the patterns tiled over n_layer (Gemma 3: 5 local_attn, 1 attn)."""
     mix = {"softmax": cfg.layer_pattern, "linear": ("deltanet",),
            "hybrid": ("deltanet",) * cfg.hybrid_ratio + ("attn",)}[cfg.attention_type]
+    if cfg.block_width:
+        mix = ["recurrent" if i in cfg.recurrent_layers else "block_attn" for i in range(cfg.n_layer)]
     ffn = cfg.ffn_pattern
     return [(mix[i % len(mix)], ffn[i % len(ffn)]) for i in range(cfg.n_layer)]
 
@@ -377,9 +389,10 @@ class Context(NamedTuple):
     rel_pos: tuple | None = None  # disentangled attention: normed relative embeddings (2span, C), index (T, T)
 
 
-def attend(q, k, v, ctx, scale, softcap, dropout):
-    """softmax(q·kᵀ·scale [softcap] + mask)·v. q: (B, nh, T, hs); k, v: (B, nkv, S, hs)."""
-    mask, causal = ctx.mask, ctx.causal and ctx.mask is None
+def attend(q, k, v, mask=None, causal=False, scale=None, softcap=None, dropout=0.0):
+    """softmax(q·kᵀ·scale [softcap] + mask)·v. q: (B, nh, T, hs); k, v: (B, nkv, S, hs).
+    mask: bool (True = attend) or float (added); causal applies only without a mask."""
+    causal = causal and mask is None
     if softcap is None:  # torch's fused kernels (flash on GPU where the mask allows); a float mask is added
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                               is_causal=causal, scale=scale, enable_gqa=True)
@@ -420,10 +433,10 @@ class Attention(nn.Module):
         q = self.q_norm(q).transpose(1, 2)                                               # (B, nh, T, hs)
         if ctx.rope is not None:
             q = apply_rope(q, *ctx.rope)
-        k, v = self.keys_values(x, ctx, cache)                                           # (B, nkv, S, hs)
+        k, v, ctx = self.keys_values(x, ctx, cache)                                      # (B, nkv, S, hs)
         if ctx.rel_pos is not None:
             ctx = ctx._replace(mask=self.disentangled_bias(q, k, *ctx.rel_pos, ctx.mask))
-        y = attend(q, k, v, ctx, self.scale, self.softcap, self.dropout if self.training else 0.0)
+        y = attend(q, k, v, ctx.mask, ctx.causal, self.scale, self.softcap, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, self.nh * self.hs)                          # (B, T, nh*hs)
         if self.gated:  # gated attention (Qiu et al. 2025, arXiv:2505.06708)
             y = y * torch.sigmoid(gate.reshape(B, T, -1))
@@ -453,9 +466,9 @@ class Attention(nn.Module):
         if ctx.rope is not None:
             k = apply_rope(k, *ctx.rope)
         if cache is None:
-            return k, v
+            return k, v, ctx
         k_all, v_all = cache.update(ctx.pos, k, v)
-        return (k_all, v_all) if ctx.use_cache else (k, v)
+        return (k_all, v_all, ctx) if ctx.use_cache else (k, v, ctx)
 
 
 class CrossAttention(Attention):
@@ -464,11 +477,125 @@ class CrossAttention(Attention):
 
     def keys_values(self, x, ctx, cache):
         if cache is not None and ctx.use_cache:
-            return cache.k, cache.v
+            return cache.k, cache.v, ctx
         k, v = self.project_kv(ctx.memory)                                # (B, nkv, S, hs)
         if cache is not None:
             cache.k, cache.v = k, v
-        return k, v
+        return k, v, ctx
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Building blocks: Block-Recurrent Transformer (Hutchins et al. 2022, arXiv:2203.07852).
+# Tokens come in blocks of block_width; each sees its own block up to itself and the whole previous
+# block, which may come from the previous call (XL memory). Recurrent layers also carry n_states
+# state vectors: tokens read the states of the block's start; after the block, the states attend to
+# themselves and to the block's tokens and pass through gates into their next value.
+
+
+class BlockMemory:
+    """What a block-recurrent layer carries from one call to the next: keys/values (and positions)
+    from the previous block on; recurrent layers add their states and the current block's tokens."""
+    k = v = pos = states = block_k = block_v = block_pos = None
+
+    def detach(self):  # truncated backprop between training segments
+        for name in ("k", "v", "states", "block_k", "block_v"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).detach())
+
+
+class BlockAttention(Attention):
+    """Block-local causal attention with the previous block as memory."""
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.width = cfg.block_width
+
+    def keys_values(self, x, ctx, cache):
+        k, v, _ = super().keys_values(x, ctx, None)                           # new keys, RoPE'd
+        kpos = ctx.pos
+        if cache is not None and cache.k is not None:
+            k, v, kpos = torch.cat((cache.k, k), 2), torch.cat((cache.v, v), 2), torch.cat((cache.pos, kpos))
+        if cache is not None:  # keep what the next call's first token can still see
+            keep = kpos >= (int(ctx.pos[-1]) + 1) // self.width * self.width - self.width
+            cache.k, cache.v, cache.pos = k[:, :, keep], v[:, :, keep], kpos[keep]
+        qb, kb = ctx.pos[:, None] // self.width, kpos[None, :] // self.width
+        mask = (kpos[None, :] <= ctx.pos[:, None]) & (kb >= qb - 1)                 # (T, S)
+        return k, v, ctx._replace(mask=mask)
+
+
+class StateGate(nn.Module):
+    """How new state content z enters the states: fixed (learned constant gates) or LSTM-style."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        C, self.lstm = cfg.d_model, cfg.state_gate == "lstm"
+        self.z = nn.Linear(C, C)
+        self.i, self.f = (nn.Linear(C, C), nn.Linear(C, C)) if self.lstm else (nn.Identity(), nn.Identity())
+        self.i_bias, self.f_bias = nn.Parameter(torch.full((C,), -1.0)), nn.Parameter(torch.full((C,), 1.0))
+
+    def forward(self, state, h):                                          # (B, N, C) each
+        if self.lstm:   # c' = sigmoid(f) c + sigmoid(i) tanh(z)
+            z, i, f = torch.tanh(self.z(h)), self.i(h) + self.i_bias, self.f(h) + self.f_bias
+        else:           # c' = sigmoid(b_f) c + sigmoid(b_i) z
+            z, i, f = self.z(h), self.i_bias, self.f_bias
+        return torch.sigmoid(f) * state + torch.sigmoid(i) * z
+
+
+class RecurrentAttention(BlockAttention):
+    """A recurrent layer: block-local self-attention plus attention to the state vectors (token path),
+    and the state update at each block's end (state path)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        C = cfg.d_model
+        self.init_states = nn.Parameter(torch.randn(cfg.n_states, C) * cfg.init_std)
+        self.state_norm, self.state_norm_2 = NORMS[cfg.norm](C, cfg), NORMS[cfg.norm](C, cfg)
+        self.q_state = nn.Linear(C, self.nh * self.hs, bias=cfg.bias)       # queries of the states
+        self.o_read = nn.Linear(self.nh * self.hs, C, bias=cfg.bias)        # tokens' reading of the states
+        self.o_self = nn.Linear(self.nh * self.hs, C, bias=cfg.bias)        # states' reading of themselves
+        self.o_tokens = nn.Linear(self.nh * self.hs, C, bias=cfg.bias)      # states' reading of the block
+        self.state_ffn = FFNS[cfg.ffn](cfg)
+        self.gate_1, self.gate_2 = StateGate(cfg), StateGate(cfg)
+        self.state_drop = nn.Dropout(cfg.state_dropout)
+
+    def heads(self, t):                                                   # (B, L, nh*hs) -> (B, nh, L, hs)
+        return t.view(t.shape[0], t.shape[1], -1, self.hs).transpose(1, 2)
+
+    def forward(self, x, ctx: Context, cache=None):                       # x: (B, T, C)
+        B, T, _ = x.shape
+        y = super().forward(x, ctx, cache)                               # block-local self-attention
+        states = cache.states if cache is not None and cache.states is not None else self.init_states.expand(B, -1, -1)
+        q = self.heads(self.q_proj(x))                                     # (B, nh, T, hs), no RoPE
+        k, v = self.project_kv(x)                                          # (B, nkv, T, hs)
+        kpos = ctx.pos
+        if cache is not None and cache.block_k is not None:                # the current block's earlier tokens
+            k, v = torch.cat((cache.block_k, k), 2), torch.cat((cache.block_v, v), 2)
+            kpos = torch.cat((cache.block_pos, kpos))
+        reads = []
+        for b in torch.unique_consecutive(ctx.pos // self.width).tolist():  # blocks in order
+            rows = (ctx.pos // self.width == b).nonzero().flatten()
+            sk, sv = self.project_kv(self.state_norm(states))              # (B, nkv, N, hs)
+            reads.append(attend(q[:, :, rows], sk, sv, scale=self.scale))
+            if int(ctx.pos[rows[-1]]) % self.width == self.width - 1:     # block complete: update states
+                in_block = kpos // self.width == b
+                states = self.update(states, k[:, :, in_block], v[:, :, in_block])
+        read = torch.cat(reads, 2).transpose(1, 2).reshape(B, T, -1)
+        if cache is not None:
+            open_block = kpos // self.width == int(ctx.pos[-1]) // self.width
+            open_block &= int(ctx.pos[-1]) % self.width != self.width - 1
+            cache.states, cache.block_k, cache.block_v, cache.block_pos = (
+                states, k[:, :, open_block], v[:, :, open_block], kpos[open_block])
+        return y + self.resid_drop(self.o_read(read))
+
+    def update(self, states, bk, bv):
+        """States attend to themselves and to one block's keys/values, then gate; then an FFN, gated."""
+        h = self.state_norm(states)
+        q = self.heads(self.q_state(h))
+        sk, sv = self.project_kv(h)
+        z = (self.o_self(attend(q, sk, sv, scale=self.scale).transpose(1, 2).flatten(2))
+             + self.o_tokens(attend(q, bk, bv, scale=self.scale).transpose(1, 2).flatten(2)))
+        states = self.gate_1(states, self.state_drop(z))
+        return self.gate_2(states, self.state_drop(self.state_ffn(self.state_norm_2(states))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -563,7 +690,7 @@ class GatedDeltaNet(nn.Module):
 
 
 MIXERS = {"attn": Attention, "local_attn": Attention,  # local_attn: the same layer, a windowed mask
-          "deltanet": GatedDeltaNet}
+          "deltanet": GatedDeltaNet, "block_attn": BlockAttention, "recurrent": RecurrentAttention}
 
 # ----------------------------------------------------------------------------------------------
 # 2. Building blocks: feed-forward
@@ -787,9 +914,9 @@ class Transformer(nn.Module):
         self.embed_norm = NORMS[cfg.norm](E, cfg) if cfg.embed_norm else nn.Identity()
         self.embed_proj = nn.Linear(E, cfg.d_model) if cfg.embed_dim else nn.Identity()
         if cfg.position == "rope":  # one table per layer type: Gemma 3 uses another base for local layers
-            theta = {"attn": (cfg.rope_theta, cfg.rope_scaling),
-                     "local_attn": (cfg.rope_local_theta or cfg.rope_theta,
-                                    "none" if cfg.rope_local_theta else cfg.rope_scaling)}
+            theta = {t: (cfg.rope_theta, cfg.rope_scaling) for t in ("attn", "block_attn", "recurrent")}
+            theta["local_attn"] = (cfg.rope_local_theta or cfg.rope_theta,
+                                   "none" if cfg.rope_local_theta else cfg.rope_scaling)
             self.rope = nn.ModuleDict({t: Rotary(cfg, *theta[t]) for t in set(self.mixer_types) & set(theta)})
         self.drop = nn.Dropout(cfg.dropout)
         # layer i runs blocks[block_of[i]]: its own block, or its group's shared one (ALBERT)
@@ -845,11 +972,11 @@ class Transformer(nn.Module):
         pad = attention_mask[:, None, None, :].bool() if attention_mask is not None else None   # (B, 1, 1, S)
         ctx = {}
         for t in set(self.mixer_types):
-            if t == "deltanet":  # carries its own state; no positions, no mask
-                ctx[t] = Context(pos, None, None, use_cache)
+            rope = self.rope[t](pos) if cfg.position == "rope" and t in self.rope else None
+            if t in ("deltanet", "block_attn", "recurrent"):  # these build their own masks from their carry
+                ctx[t] = Context(pos, rope, None, use_cache)
                 continue
             window = cfg.sliding_window if t == "local_attn" else None
-            rope = self.rope[t](pos) if cfg.position == "rope" else None
             if not (use_cache or window or pad is not None or cfg.position in ("relative_bias", "disentangled")):
                 ctx[t] = Context(pos, rope, None, False, causal)   # plain causal or unmasked: fused kernels
                 continue
@@ -956,10 +1083,12 @@ class Transformer(nn.Module):
         p = self.lm_head.weight
         dtype, device = dtype or p.dtype, device or p.device
         cfg = self.config
-        caches = [DeltaNetState(batch_size, cfg, dtype, device) if t == "deltanet" else
-                  KVCache(batch_size, cfg.kv_heads, max_len, cfg.hs,
-                          cfg.sliding_window if t == "local_attn" else None, dtype, device)
-                  for t in self.mixer_types]
+        make = {"attn": lambda: KVCache(batch_size, cfg.kv_heads, max_len, cfg.hs, None, dtype, device),
+                "local_attn": lambda: KVCache(batch_size, cfg.kv_heads, max_len, cfg.hs, cfg.sliding_window,
+                                              dtype, device),
+                "deltanet": lambda: DeltaNetState(batch_size, cfg, dtype, device),
+                "block_attn": BlockMemory, "recurrent": BlockMemory}
+        caches = [make[t]() for t in self.mixer_types]
         for c in caches if cfg.cross_attention else ():
             c.cross = CrossKV()  # a decoder layer's cross-attention K/V ride along with its own cache
         return caches
