@@ -78,6 +78,7 @@ class Config:
     attn_softcap: float | None = None  # scores -> cap*tanh(scores/cap) (Gemma 2)
     attn_gate: bool = False           # output gate sigmoid(x W_g) on the attention heads (Qwen3-Next)
     bias: bool = True                 # biases on attention and feed-forward projections
+    ffn_bias: bool | None = None      # feed-forward biases when they differ from attention's (None -> bias)
     # Gated DeltaNet (linear attention) layers
     dn_heads: int = 4                 # key heads (dk each)
     dn_v_heads: int | None = None     # value heads, a multiple of dn_heads; None -> dn_heads
@@ -192,6 +193,10 @@ class Config:
         if self.d_ff:
             return self.d_ff
         return 4 * self.d_model if self.ffn == "mlp" else 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+    @property
+    def ffn_biased(self) -> bool:
+        return self.bias if self.ffn_bias is None else self.ffn_bias
 
     @property
     def rope_dim(self) -> int:
@@ -704,8 +709,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: Config, width=None):
         super().__init__()
         width = width or cfg.ffn_dim
-        self.up = nn.Linear(cfg.d_model, width, bias=cfg.bias)
-        self.down = nn.Linear(width, cfg.d_model, bias=cfg.bias)
+        self.up = nn.Linear(cfg.d_model, width, bias=cfg.ffn_biased)
+        self.down = nn.Linear(width, cfg.d_model, bias=cfg.ffn_biased)
         self.act, self.drop = ACTIVATIONS[cfg.activation], nn.Dropout(cfg.dropout)
 
     def forward(self, x):                                            # (B, T, C)
@@ -718,9 +723,9 @@ class GLU(nn.Module):
     def __init__(self, cfg: Config, width=None):
         super().__init__()
         width = width or cfg.ffn_dim
-        self.gate = nn.Linear(cfg.d_model, width, bias=cfg.bias)
-        self.up = nn.Linear(cfg.d_model, width, bias=cfg.bias)
-        self.down = nn.Linear(width, cfg.d_model, bias=cfg.bias)
+        self.gate = nn.Linear(cfg.d_model, width, bias=cfg.ffn_biased)
+        self.up = nn.Linear(cfg.d_model, width, bias=cfg.ffn_biased)
+        self.down = nn.Linear(width, cfg.d_model, bias=cfg.ffn_biased)
         self.act, self.drop = ACTIVATIONS[cfg.activation], nn.Dropout(cfg.dropout)
 
     def forward(self, x):                                            # (B, T, C)
@@ -1018,7 +1023,7 @@ class Transformer(nn.Module):
         cls_logits = self.cls(torch.tanh(self.pooler(x[:, 0]))) if cfg.cls_head else None   # (B, 2)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.float().flatten(0, -2), targets.reshape(-1), ignore_index=-1)
         if cls_targets is not None:
             loss = (0 if loss is None else loss) + F.cross_entropy(cls_logits.float(), cls_targets)
         aux = sum((m.aux_loss for m in self.aux_modules), torch.zeros((), device=x.device))
@@ -1105,7 +1110,8 @@ class Transformer(nn.Module):
             raise ValueError(f"generate() samples from decoder-only models; this one is {self.config.architecture}")
         check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
         B, T = input_ids.shape
-        if T + max_new_tokens > self.config.block_size:
+        absolute = self.config.position in ("learned", "sinusoidal")  # a hard limit; RoPE may run past it
+        if T > self.config.block_size or (absolute and T + max_new_tokens > self.config.block_size):
             raise ValueError(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} exceeds the context of "
                              f"{self.config.block_size} tokens; shorten the prompt or ask for fewer tokens")
         cache = self.setup_cache(B, T + max_new_tokens, device=input_ids.device)
@@ -1340,7 +1346,9 @@ def hf_rope(hf, rope):
 
 
 def hf_gpt2_config(hf):
-    return dict(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+        raise ValueError("GPT-2 options scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported")
+    return dict(attn_scale=None if hf.get("scale_attn_weights", True) else 1.0,vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
                 n_head=hf["n_head"], d_model=hf["n_embd"], d_ff=hf.get("n_inner"),
                 norm_eps=hf["layer_norm_epsilon"], activation=HF_ACTIVATIONS[hf["activation_function"]],
                 tie_embeddings=hf.get("tie_word_embeddings", True))
@@ -1354,6 +1362,7 @@ def hf_llama_config(hf):
                n_head=hf["num_attention_heads"], n_kv_head=hf.get("num_key_value_heads"), d_model=d,
                head_dim=hf.get("head_dim"), d_ff=hf["intermediate_size"], norm="rmsnorm",
                norm_eps=hf["rms_norm_eps"], position="rope", bias=hf.get("attention_bias", False),
+               ffn_bias=hf.get("mlp_bias", False),
                ffn="glu", activation=HF_ACTIVATIONS[hf.get("hidden_activation") or hf["hidden_act"]],
                tie_embeddings=hf.get("tie_word_embeddings", True), sliding_window=hf.get("sliding_window"),
                rope_fraction=rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
@@ -1380,6 +1389,8 @@ def hf_gemma_config(hf):
 
 
 def hf_gemma3_config(hf):  # Gemma 3 adds QK-norm and drops the attention softcap
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError("Gemma 3 use_bidirectional_attention (the embedding variant) is not supported")
     return {**hf_gemma_config(hf), "qk_norm": True, "attn_softcap": None}
 
 
@@ -1482,7 +1493,8 @@ LLAMA_KEYS = {
        for p in "qkvo" for w in ("weight", "bias")},
     "model.layers.{}.self_attn.q_norm.weight": "blocks.{}.mixer.q_norm.weight",
     "model.layers.{}.self_attn.k_norm.weight": "blocks.{}.mixer.k_norm.weight",
-    **{f"model.layers.{{}}.mlp.{p}_proj.weight": f"blocks.{{}}.ffn.{p}.weight" for p in ("gate", "up", "down")},
+    **{f"model.layers.{{}}.mlp.{p}_proj.{w}": f"blocks.{{}}.ffn.{p}.{w}" for p in ("gate", "up", "down")
+       for w in ("weight", "bias")},
     "model.layers.{}.input_layernorm.weight": "blocks.{}.norm_1.weight",
     "model.layers.{}.post_attention_layernorm.weight": "blocks.{}.norm_2.weight",
 }
@@ -1648,6 +1660,10 @@ HF_FAMILIES = {  # model_type -> (config translation, key map, reshaping of the 
 }
 
 
+HF_IGNORED = ("attn.bias", "attn.masked_bias", "mtp.", "vision_tower.", "multi_modal_projector.",
+              "embed_positions", "rotary_emb.inv_freq")  # buffers, sinusoidal tables, parts we do not run
+
+
 def rename_hf_key(name, keys):
     """Map one HF weight name to ours through a key table with {} for layer (and expert) indices; None = skip.
     Every number is a {} first; failing that only the first (the layer), as T5's literal layer.0/1/2."""
@@ -1667,15 +1683,19 @@ def load_hf_state_dict(hf_dir, keys):
     files = sorted(Path(hf_dir).glob("*.safetensors"))
     if not files:
         raise ValueError(f"{hf_dir} has no *.safetensors weights; save the HF model with save_pretrained()")
-    sd = {}
+    sd, unknown = {}, []
     for f in files:
         for name, t in load_file(str(f)).items():
             name = name.removeprefix("transformer.")       # GPT-2 hub files may omit this prefix
             name = name.replace("model.language_model.", "model.")  # multimodal Gemma 3 wrapper
             ours = rename_hf_key(name, keys)
-            if ours is None:
-                continue
-            sd[ours] = t
+            if ours is not None:
+                sd[ours] = t
+            elif not any(part in name for part in HF_IGNORED):
+                unknown.append(name)
+    if unknown:  # an unmapped weight means an option we do not implement: refuse rather than be wrong
+        raise ValueError(f"{hf_dir} holds weights the import does not know ({unknown[:3]}); "
+                         f"the checkpoint uses an option anyformer does not implement")
     return sd
 
 
