@@ -1,0 +1,134 @@
+"""Long-range recall: a Block-Recurrent Transformer with state vectors vs the same model without them.
+
+    python tests/bench/bench_brt_recall.py [--steps 600] [--blocks 8] [--gate fixed|lstm]
+
+The task is generated here. A sequence of --blocks blocks of --width tokens holds random filler tokens;
+somewhere in the first block a KEY marker is followed by the key (one of --keys symbols). The last token
+of each of the final --queries blocks is a QUERY marker, and the model must answer with the key there.
+Every query is at least 3 blocks after the key, so outside what block-local attention reaches: each
+block_attn layer sees its own block and the previous one, so a stack of n_layer=2 layers sees tokens at
+most 2 blocks back (the receptive field grows one block per layer, as in Transformer-XL). Only the state
+vectors of a recurrent layer can carry the key there. Chance is 1/--keys.
+
+Models (pre-norm, RoPE, MQA key/values), trained the same number of steps:
+  BRT       n_layer=2, layer 1 recurrent with --states state vectors and --gate gating
+  no state  the same stack with recurrent_layers=[] (two block_attn layers)
+Accuracy: answers correct at all query positions of held-out sequences, from one full forward; the BRT
+is also evaluated block by block through a carried cache (setup_cache + input_pos), which must agree.
+"""
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from model import Config, Transformer  # noqa: E402
+
+
+def make_batch(n, args, g):
+    """tokens (n, L) and targets (n, L): -1 except at the query positions, where it is the key."""
+    K, F = args.keys, args.fillers
+    KEY, QUERY = K + F, K + F + 1
+    L, w = args.blocks * args.width, args.width
+    x = torch.randint(K, K + F, (n, L), generator=g)                  # filler
+    key = torch.randint(0, K, (n,), generator=g)
+    at = torch.randint(0, w - 1, (n,), generator=g)                   # KEY marker inside the first block
+    rows = torch.arange(n)
+    x[rows, at], x[rows, at + 1] = KEY, key
+    y = torch.full((n, L), -1)
+    for b in range(args.blocks - args.queries, args.blocks):
+        x[:, (b + 1) * w - 1] = QUERY
+        y[:, (b + 1) * w - 1] = key
+    return x, y
+
+
+def config(args, recurrent):
+    return Config(vocab_size=args.keys + args.fillers + 2, block_size=args.blocks * args.width,
+                  n_layer=2, n_head=4, n_kv_head=1, d_model=args.d_model, norm="rmsnorm", position="rope",
+                  ffn="mlp", activation="gelu", bias=False, block_width=args.width,
+                  recurrent_layers=(1,) if recurrent else (), n_states=args.states, state_gate=args.gate)
+
+
+def accuracy(logits, y):
+    scored = y != -1
+    right = ((logits.argmax(-1) == y) | ~scored).all(1)
+    per_query = ((logits.argmax(-1) == y) & scored).sum().item() / scored.sum().item()
+    return right.float().mean().item(), per_query
+
+
+def train_and_eval(name, cfg, args, test):
+    torch.manual_seed(args.seed)
+    model = Transformer(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    g = torch.Generator().manual_seed(args.seed + 1)
+    t0 = time.time()
+    model.train()
+    for step in range(args.steps):
+        lr = args.lr * min(1.0, (step + 1) / 50) * (0.5 + 0.5 * math.cos(math.pi * step / args.steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y = make_batch(args.batch, args, g)
+        loss = model(x, targets=y).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if args.verbose and step % 100 == 0:
+            print(f"  {name} step {step} loss {loss.item():.3f}", flush=True)
+    train_s = time.time() - t0
+    model.eval()
+    x, y = test
+    with torch.no_grad():
+        logits = model(x).logits
+        seq_acc, query_acc = accuracy(logits, y)
+        test_loss = model(x, targets=y).loss.item()
+        cache = model.setup_cache(x.shape[0], 0)                      # block by block, states carried
+        w = cfg.block_width
+        seg = torch.cat([model(x[:, a:a + w], cache=cache, input_pos=torch.arange(a, a + w)).logits
+                         for a in range(0, x.shape[1], w)], 1)
+        seg_acc, _ = accuracy(seg, y)
+        seg_diff = (seg - logits).abs().max().item()
+    return dict(name=name, params=model.get_num_params(), seq_acc=seq_acc, query_acc=query_acc,
+                seg_acc=seg_acc, seg_diff=seg_diff, loss=test_loss, train_s=train_s)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--blocks", type=int, default=8)
+    ap.add_argument("--width", type=int, default=8, help="block_width")
+    ap.add_argument("--queries", type=int, default=4, help="query positions: the last token of each final block")
+    ap.add_argument("--keys", type=int, default=8)
+    ap.add_argument("--fillers", type=int, default=8)
+    ap.add_argument("--states", type=int, default=8)
+    ap.add_argument("--gate", default="fixed", choices=["fixed", "lstm"])
+    ap.add_argument("--d-model", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--test", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)   # 1: small models gain little from more, and lose much on a busy CPU
+    if args.blocks - args.queries < 3:
+        ap.error("every query must be at least 3 blocks after the first block: need blocks - queries >= 3")
+    test = make_batch(args.test, args, torch.Generator().manual_seed(12345))
+    print(f"task: key in block 0 of {args.blocks} blocks x {args.width} tokens, queries at the ends of the last "
+          f"{args.queries} blocks, {args.keys} keys (chance {1 / args.keys:.3f}); {args.steps} steps x batch "
+          f"{args.batch}", flush=True)
+    rows = [train_and_eval(f"BRT, states ({args.states}, {args.gate} gate)", config(args, True), args, test),
+            train_and_eval("same, recurrent_layers=[]", config(args, False), args, test)]
+    print("\n| model | params | recall acc (all queries) | per-query acc | block-by-block acc | test loss | train time |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['name']} | {r['params']:,} | {r['seq_acc']:.3f} | {r['query_acc']:.3f} | {r['seg_acc']:.3f} "
+              f"| {r['loss']:.3f} | {r['train_s']:.0f} s |")
+    print(f"\nmax |logits(one call) - logits(block by block)|: " + ", ".join(f"{r['seg_diff']:.1e}" for r in rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Universal Transformer vs a vanilla Transformer of (about) the same size on multi-digit addition.
+
+    python tests/bench/bench_ut_task.py [--steps 1500] [--digits 5] [--act]
+
+The task is generated here: "a+b=" with a, b of --digits digits (most significant first) and the sum
+written least significant digit first, padded to digits+1 digits. Only the sum's digits are scored.
+Each output digit needs a_i, b_i and the carry, which depends on every lower digit: a computation that
+takes depth. Models, all pre-norm RMSNorm with learned positions, trained the same number of steps:
+  UT            one shared block applied --ut-steps times, learned depth embedding (optionally ACT)
+  vanilla-wide  the same width, one layer (as many block parameters as the UT)
+  vanilla-deep  --ut-steps layers, narrower (4 heads) so that the parameter count about matches
+Accuracy is exact match of the whole sum on held-out problems, from teacher-forced argmaxes (all correct
+is the same as greedy decoding producing the right sum).
+"""
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from model import Config, Transformer  # noqa: E402
+
+PLUS, EQ = 10, 11
+VOCAB = 12
+
+
+def make_batch(n, digits, g, order="msb", sum_order="lsb"):
+    """n addition problems: tokens (n, L), targets (n, L) with -1 except where a sum digit is predicted."""
+    a = torch.randint(0, 10 ** digits, (n,), generator=g)
+    b = torch.randint(0, 10 ** digits, (n,), generator=g)
+    s = a + b
+    p = 10 ** torch.arange(digits - 1, -1, -1)                          # most significant first
+    if order == "lsb":
+        p = p.flip(0)
+    da, db = a[:, None] // p % 10, b[:, None] // p % 10
+    ds = s[:, None] // 10 ** torch.arange(digits + 1) % 10               # least significant first
+    if sum_order == "msb":
+        ds = ds.flip(1)
+    seq = torch.cat((da, torch.full((n, 1), PLUS), db, torch.full((n, 1), EQ), ds), 1)
+    x, y = seq[:, :-1], seq[:, 1:].clone()
+    y[:, :2 * digits + 1] = -1                                          # score only the sum's digits
+    return x, y
+
+
+def make_chase(n, symbols, hops, g):
+    """n pointer-chasing problems: a random permutation f of `symbols` digits listed as pairs "a f(a)" in
+    random order, then "= x" and the answer f(x), f(f(x)), ... (`hops` tokens). Each answer token needs the
+    pair whose first element is the previous token: an induction-style lookup, which takes two layers."""
+    f = torch.rand(n, symbols, generator=g).argsort(1)                 # f[i, a] = f_i(a)
+    order = torch.rand(n, symbols, generator=g).argsort(1)             # the order pairs are listed in
+    pairs = torch.stack((order, f.gather(1, order)), 2).flatten(1)     # (n, 2*symbols)
+    x = torch.randint(0, symbols, (n, 1), generator=g)
+    chain = [x]
+    for _ in range(hops):
+        chain.append(f.gather(1, chain[-1]))
+    seq = torch.cat((pairs, torch.full((n, 1), EQ), *chain), 1)
+    inp, y = seq[:, :-1], seq[:, 1:].clone()
+    y[:, :2 * symbols + 1] = -1                                         # score only the answers
+    return inp, y
+
+
+def config(d_model, n_layer, n_head, layer_groups=None, depth_embedding="none", act=False, block_size=32,
+           position="learned"):
+    return Config(vocab_size=VOCAB, block_size=block_size, n_layer=n_layer, n_head=n_head, d_model=d_model,
+                  norm="rmsnorm", position=position, ffn="mlp", activation="gelu", bias=False,
+                  layer_groups=layer_groups, depth_embedding=depth_embedding, act=act, act_threshold=0.99,
+                  act_weight=0.001, tie_embeddings=True)
+
+
+def train_and_eval(name, cfg, args, test):
+    torch.manual_seed(args.seed)
+    model = Transformer(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    g = torch.Generator().manual_seed(args.seed + 1)
+    t0 = time.time()
+    model.train()
+    for step in range(args.steps):
+        lr = args.lr * min(1.0, (step + 1) / 100) * (0.5 + 0.5 * math.cos(math.pi * step / args.steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y = args.make(args.batch, g)
+        out = model(x, targets=y)
+        loss = out.loss + out.aux_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if args.verbose and step % 250 == 0:
+            print(f"  {name} step {step} loss {out.loss.item():.3f}", flush=True)
+    train_s = time.time() - t0
+    model.eval()
+    with torch.no_grad():
+        x, y = test
+        logits = model(x).logits
+        scored = y != -1
+        right = (logits.argmax(-1) == y) | ~scored
+        seq_acc = right.all(1).float().mean().item()
+        digit_acc = ((logits.argmax(-1) == y) & scored).sum().item() / scored.sum().item()
+        loss = model(x, targets=y).loss.item()
+    return dict(name=name, params=model.get_num_params(), seq_acc=seq_acc, digit_acc=digit_acc,
+                loss=loss, train_s=train_s)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="add", choices=["add", "chase"])
+    ap.add_argument("--symbols", type=int, default=8, help="chase: size of the permutation (at most 10)")
+    ap.add_argument("--hops", type=int, default=3, help="chase: answer tokens")
+    ap.add_argument("--digits", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--d-model", type=int, default=64)
+    ap.add_argument("--ut-steps", type=int, default=6)
+    ap.add_argument("--order", default="msb", choices=["msb", "lsb"], help="digit order of the two operands")
+    ap.add_argument("--sum-order", default="lsb", choices=["msb", "lsb"], help="digit order of the sum")
+    ap.add_argument("--position", default="learned", choices=["learned", "rope"])
+    ap.add_argument("--act", action="store_true", help="train the UT with ACT halting")
+    ap.add_argument("--test", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", default="", help="comma-separated subset of ut,vanilla-wide,vanilla-deep")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)   # 1: small models gain little from more, and lose much on a busy CPU
+    if args.task == "add":
+        args.make = lambda n, g: make_batch(n, args.digits, g, args.order, args.sum_order)
+        what = f"{args.digits}-digit addition"
+    else:
+        args.make = lambda n, g: make_chase(n, args.symbols, args.hops, g)
+        what = f"pointer chasing ({args.symbols} symbols, {args.hops} hops)"
+    test = args.make(args.test, torch.Generator().manual_seed(12345))
+    d, T = args.d_model, args.ut_steps
+    pe = dict(position=args.position)
+    ut = config(d, T, 4, layer_groups=1, depth_embedding="learned", act=args.act, **pe)
+    n_ut = Transformer(ut).get_num_params()
+    # the deep vanilla's width (4 heads of an even size) whose parameter count is closest to the UT's
+    deep_d = min(range(8, d + 1, 8), key=lambda w: abs(Transformer(config(w, T, 4, **pe)).get_num_params() - n_ut))
+    models = {"ut": (f"UT (1 block x {T} steps{', ACT' if args.act else ''}, d={d})", ut),
+              "vanilla-wide": (f"vanilla (1 layer, d={d})", config(d, 1, 4, **pe)),
+              "vanilla-deep": (f"vanilla ({T} layers, d={deep_d})", config(deep_d, T, 4, **pe))}
+    only = [k for k in args.only.split(",") if k] or list(models)
+    print(f"task: {what}, {args.steps} steps x batch {args.batch}, "
+          f"{args.test} held-out problems", flush=True)
+    rows = [train_and_eval(*models[k], args, test) for k in only]
+    print(f"\n| model | params | held-out sequence acc | digit acc | test loss | train time |")
+    print(f"|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['name']} | {r['params']:,} | {r['seq_acc']:.3f} | {r['digit_acc']:.3f} | "
+              f"{r['loss']:.3f} | {r['train_s']:.0f} s |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,403 @@
+"""Recurrence in depth and in time (issue 6), each checked against a separately written naive form.
+
+Universal Transformer (Dehghani et al. 2018): one shared block applied n_layer times equals a stack of
+n_layer copies of it; depth embeddings equal a hand-written loop; ACT (Graves 2016) equals an
+independent per-position halting reference; cached decoding equals the full forward.
+Block-Recurrent Transformer (Hutchins et al. 2022): one call equals segment-by-segment processing
+with the carried cache; states change only at block ends; gradients reach the gates; attention is
+block-local, and only the states carry information further back; generation equals greedy full forwards.
+"""
+import pytest
+import torch
+import torch.nn as nn
+
+from model import Config, Transformer, sinusoidal_table
+
+V = 48
+
+
+def ut_config(**kw):
+    """A small UT as the seed describes it: pre-norm RMSNorm, GQA, RoPE, one shared block."""
+    base = dict(vocab_size=V, block_size=32, n_layer=4, n_head=4, n_kv_head=2, d_model=32, norm="rmsnorm",
+                position="rope", ffn="glu", activation="silu", bias=False, layer_groups=1, init_std=0.1)
+    return Config(**{**base, **kw})
+
+
+def brt_config(**kw):
+    base = dict(vocab_size=V, block_size=64, n_layer=3, n_head=4, n_kv_head=1, d_model=32, block_width=4,
+                recurrent_layers=(1,), n_states=5, position="rope", init_std=0.1)
+    return Config(**{**base, **kw})
+
+
+def build(cfg, seed=0):
+    torch.manual_seed(seed)
+    return Transformer(cfg).eval()
+
+
+def ids_of(B, T, seed=1):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def close(a, b, atol):
+    return (a - b).abs().max().item() <= atol
+
+
+# ----------------------------------------------------------------------------------------------
+# Universal Transformer
+
+
+def unrolled_state_dict(ut, n_layer):
+    """The UT's weights for a plain stack: its single block copied into every layer."""
+    sd = {}
+    for k, v in ut.state_dict().items():
+        if k.startswith("blocks.0."):
+            for i in range(n_layer):
+                sd[f"blocks.{i}." + k[len("blocks.0."):]] = v.clone()
+        else:
+            sd[k] = v
+    return sd
+
+
+@pytest.mark.parametrize("position", ["rope", "learned"])
+def test_ut_equals_unrolled_stack(position):
+    T = 4
+    ut = build(ut_config(n_layer=T, position=position))
+    plain = build(ut_config(n_layer=T, position=position, layer_groups=None), seed=1)
+    assert len(ut.blocks) == 1 and len(plain.blocks) == T and ut.block_of == [0] * T
+    plain.load_state_dict(unrolled_state_dict(ut, T))                     # strict: same layout
+    block = sum(p.numel() for p in ut.blocks[0].parameters())
+    assert plain.get_num_params() - ut.get_num_params() == (T - 1) * block
+    x = ids_of(2, 20)
+    with torch.no_grad():
+        a, b = ut(x), plain(x)
+    assert close(a.logits, b.logits, 1e-6) and a.aux_loss.item() == 0.0
+    # the copies really are separate layers: changing one of them changes the plain stack's output
+    with torch.no_grad():
+        plain.blocks[2].mixer.o_proj.weight.mul_(2.0)
+        assert not close(plain(x).logits, a.logits, 1e-3)
+
+
+def depth_reference(model, ids):
+    """The UT forward written as a loop over one block, adding the depth signal before each step."""
+    cfg, (B, T) = model.config, ids.shape
+    pos = torch.arange(T)
+    x = model.embed(ids, pos)
+    ctx = model.contexts(pos, None)["attn"]
+    for i in range(cfg.n_layer):
+        if cfg.depth_embedding == "learned":
+            x = x + model.step_emb.weight[i]
+        else:   # timing signal over the step plus one over the position, as in the UT paper
+            x = x + sinusoidal_table(cfg.n_layer, cfg.d_model)[i] + sinusoidal_table(cfg.block_size, cfg.d_model)[pos]
+        x = model.blocks[0](x, ctx)
+    return model.lm_head(model.norm_f(x))
+
+
+@pytest.mark.parametrize("depth", ["learned", "sinusoidal"])
+def test_ut_depth_embedding_matches_reference_loop(depth):
+    m = build(ut_config(n_layer=5, depth_embedding=depth))
+    if depth == "learned":
+        with torch.no_grad():
+            m.step_emb.weight.normal_(0, 0.5)
+    x = ids_of(2, 17)
+    with torch.no_grad():
+        logits, ref = m(x).logits, depth_reference(m, x)
+        assert close(logits, ref, 1e-6)
+        # the signal matters: the same weights without it give other logits
+        plain = Transformer(ut_config(n_layer=5)).eval()
+        plain.load_state_dict(m.state_dict(), strict=False)
+        assert not close(plain(x).logits, logits, 1e-2)
+
+
+def act_reference(model, ids):
+    """Graves' ACT as the UT uses it, written per position: at step n the halting unit reads the step's
+    input, p_n = sigmoid(halt(x_n)); a position halts at the first n where sum_{m<=n} p_m > 1 - eps, or
+    at the last step; the steps before get weight p_m, the halting step the remainder R = 1 - sum_{m<n} p_m.
+    Returns logits of sum_n w_n * state_n, the weights (steps, B, T), N and R (B, T)."""
+    cfg, (B, T) = model.config, ids.shape
+    pos = torch.arange(T)
+    x = model.embed(ids, pos)
+    ctx = model.contexts(pos, None)["attn"]
+    probs, states = [], []
+    for n in range(cfg.n_layer):
+        if cfg.depth_embedding == "learned":
+            x = x + model.step_emb.weight[n]
+        probs.append(torch.sigmoid(model.act.halt(x)).squeeze(-1))        # (B, T)
+        x = model.blocks[model.block_of[n]](x, ctx)
+        states.append(x)
+    W, N, R = torch.zeros(cfg.n_layer, B, T), torch.zeros(B, T), torch.zeros(B, T)
+    for b in range(B):
+        for t in range(T):
+            spent = torch.zeros(())                                      # float32, as the model sums
+            for n in range(cfg.n_layer):
+                p = probs[n][b, t]
+                if n == cfg.n_layer - 1 or spent + p > cfg.act_threshold:
+                    W[n, b, t] = R[b, t] = 1 - spent
+                    N[b, t] = n + 1
+                    break
+                W[n, b, t] = p
+                spent = spent + p
+    out = sum(W[n, ..., None] * states[n] for n in range(cfg.n_layer))
+    return model.lm_head(model.norm_f(out)), W, N, R
+
+
+def act_model(n_layer=5, seed=0, **kw):
+    """A UT with ACT whose halting unit is drawn so that positions halt at several different steps."""
+    m = build(ut_config(n_layer=n_layer, act=True, act_threshold=0.9, act_weight=0.05,
+                        depth_embedding="learned", **kw), seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        m.step_emb.weight.copy_(torch.randn(m.step_emb.weight.shape, generator=g) * 0.3)
+        for _ in range(20):  # a few draws until the halting steps spread over 2..n_layer
+            m.act.halt.weight.copy_(torch.randn(m.act.halt.weight.shape, generator=g) * 2.0)
+            m.act.halt.bias.fill_(-1.0)
+            rec = record_act(m)
+            m(ids_of(3, 16))
+            m.act._forward_hooks.clear()
+            steps = rec[-1][1][2]
+            if len(steps.unique()) >= 3 and (steps == n_layer).any() and (steps < n_layer - 1).any():
+                return m
+    raise AssertionError("no halting unit draw spreads the halting steps")
+
+
+def record_act(model):
+    """Collect what the model's ACT returns at each step: (weights, (total, remainder, steps))."""
+    steps = []
+    model.act.register_forward_hook(lambda mod, inp, out: steps.append(out))
+    return steps
+
+
+def test_act_matches_independent_reference():
+    m = act_model()
+    rec = record_act(m)
+    x = ids_of(3, 16)
+    with torch.no_grad():
+        out = m(x)
+        ref, W, N, R = act_reference(m, x)
+    assert close(out.logits, ref, 1e-5)
+    assert torch.allclose(W.sum(0), torch.ones(3, 16), atol=1e-6)       # halting weights sum to 1
+    w_model = torch.stack([w for w, _ in rec])                             # (steps, B, T)
+    assert close(w_model, W, 1e-6)
+    assert torch.allclose(w_model.sum(0), torch.ones(3, 16), atol=1e-6)
+    total, rem, steps = rec[-1][1]
+    assert torch.equal(steps, N) and int(steps.max()) <= m.config.n_layer and (total == 1).all()
+    assert len(set(N.flatten().tolist())) >= 3 and N.max() == m.config.n_layer and N.min() < 3  # not vacuous
+    # ponder cost: act_weight * mean(N + R)
+    assert abs(out.aux_loss.item() - 0.05 * (N + R).mean().item()) < 1e-6
+    # a position's weights after its halting step are exactly zero
+    after = torch.arange(1, m.config.n_layer + 1)[:, None, None] > N
+    assert (w_model[after] == 0).all() and after.any()
+
+
+def test_act_halting_unit_gets_gradients():
+    m = act_model()
+    m.train()
+    out = m(ids_of(2, 16), targets=ids_of(2, 16, seed=2))
+    g = torch.autograd.grad(out.aux_loss, m.act.halt.weight, retain_graph=True)[0]
+    assert g.abs().max() > 0                                               # the ponder cost trains halting
+    (out.loss + out.aux_loss).backward()
+    assert m.act.halt.weight.grad.abs().max() > 0 and m.step_emb.weight.grad.abs().max() > 0
+
+
+def test_act_halted_positions_stop_changing():
+    """More steps change nothing at positions that halted early: their output is already final."""
+    short = act_model(n_layer=5)
+    long_ = build(ut_config(n_layer=8, act=True, act_threshold=0.9, act_weight=0.05, depth_embedding="learned"))
+    sd = short.state_dict()
+    sd["step_emb.weight"] = torch.cat((sd["step_emb.weight"], long_.step_emb.weight.detach()[5:]))
+    long_.load_state_dict(sd)
+    rec = record_act(short)
+    x = ids_of(2, 16)
+    with torch.no_grad():
+        a, b = short.hidden(x), long_.hidden(x)
+    early = rec[-1][1][2] < 5                                              # halted before the forced stop
+    assert early.any() and (~early).any()
+    assert close(a[early], b[early], 1e-6)
+    assert not close(a[~early], b[~early], 1e-3)                           # the forced halts did change
+
+
+def test_act_disabled_equals_fixed_depth():
+    fixed = build(ut_config(n_layer=5, depth_embedding="learned"))
+    act = build(ut_config(n_layer=5, depth_embedding="learned", act=True, act_weight=0.05), seed=1)
+    act.load_state_dict(fixed.state_dict(), strict=False)                   # all but the halting unit
+    x = ids_of(2, 16)
+    with torch.no_grad():
+        ref = depth_reference(fixed, x)
+        assert close(fixed(x).logits, ref, 1e-6) and fixed(x).aux_loss.item() == 0.0
+        act.act.halt.bias.fill_(-1e4)        # p = 0: nobody halts early, the last step takes weight 1
+        out = act(x)
+        assert close(out.logits, ref, 1e-6)
+        assert abs(out.aux_loss.item() - 0.05 * (5 + 1)) < 1e-6           # N = 5, R = 1 everywhere
+
+
+def cached_logits(model, ids, prefill):
+    """Prefill `prefill` tokens, then one token at a time; the logits of every position."""
+    B, T = ids.shape
+    cache = model.setup_cache(B, T)
+    out = [model(ids[:, :prefill], cache=cache, input_pos=torch.arange(prefill)).logits]
+    for t in range(prefill, T):
+        out.append(model(ids[:, t:t + 1], cache=cache, input_pos=torch.tensor([t])).logits)
+    return torch.cat(out, 1)
+
+
+def greedy_full_forwards(model, prompt, n):
+    seq = prompt
+    for _ in range(n):
+        seq = torch.cat((seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)), 1)
+    return seq
+
+
+@pytest.mark.parametrize("depth", ["learned", "sinusoidal"])
+def test_ut_act_cached_decoding_equals_full_forward(depth):
+    m = act_model(n_layer=5)
+    if depth == "sinusoidal":
+        m2 = build(ut_config(n_layer=5, act=True, act_threshold=0.9, depth_embedding="sinusoidal"))
+        m2.load_state_dict(m.state_dict(), strict=False)
+        m = m2
+    x = ids_of(2, 20)
+    with torch.no_grad():
+        full = m(x).logits
+        assert close(cached_logits(m, x, 7), full, 1e-5)
+        prompt = x[:, :6]
+        assert torch.equal(m.generate(prompt, 12, temperature=0), greedy_full_forwards(m, prompt, 12))
+
+
+# ----------------------------------------------------------------------------------------------
+# Block-Recurrent Transformer
+
+
+def segmented_logits(model, ids, cuts):
+    """Feed ids in segments [cuts[i], cuts[i+1]) through one carried cache."""
+    cache = model.setup_cache(ids.shape[0], 0)
+    out = [model(ids[:, a:b], cache=cache, input_pos=torch.arange(a, b)).logits for a, b in zip(cuts, cuts[1:])]
+    return torch.cat(out, 1), cache
+
+
+CUTS = [0, 1, 3, 9, 10, 11, 12, 19, 20, 23]   # lengths 1, 2, 6, 1, 1, 1, 7, 1, 3; block_width 4
+
+
+@pytest.mark.parametrize("gate", ["fixed", "lstm"])
+@pytest.mark.parametrize("position, recurrent", [("rope", (1,)), ("learned", (1,)), ("rope", (0, 2)),
+                                                 ("none", (2,))])
+def test_brt_segments_equal_one_call(gate, position, recurrent):
+    m = build(brt_config(state_gate=gate, position=position, recurrent_layers=recurrent))
+    x = ids_of(2, CUTS[-1])
+    with torch.no_grad():
+        full = m(x).logits
+        seg, _ = segmented_logits(m, x, CUTS)
+        assert close(seg, full, 1e-5)
+        one_by_one, _ = segmented_logits(m, x, list(range(CUTS[-1] + 1)))
+        assert close(one_by_one, full, 1e-5)
+        # not vacuous: the same segments without the carry give other logits
+        cut = [m(x[:, a:b], input_pos=torch.arange(a, b)).logits for a, b in zip(CUTS, CUTS[1:])]
+        assert not close(torch.cat(cut, 1), full, 1e-2)
+
+
+def test_brt_cache_stays_bounded():
+    m = build(brt_config())
+    x = ids_of(1, 30)
+    with torch.no_grad():
+        _, cache = segmented_logits(m, x, list(range(31)))
+    for c in cache:   # after position 29 (block 7, 2 of its tokens seen): previous block + those 2 tokens
+        assert c.k.shape[2] == 4 + 2 and c.pos.tolist() == list(range(24, 30))
+    assert cache[1].block_k.shape[2] == 2 and cache[1].block_pos.tolist() == [28, 29]
+
+
+@pytest.mark.parametrize("gate", ["fixed", "lstm"])
+def test_brt_states_change_only_at_block_ends(gate):
+    m = build(brt_config(state_gate=gate, recurrent_layers=(0, 2)))
+    w = m.config.block_width
+    x = ids_of(2, 15)
+    cache = m.setup_cache(2, 0)
+    before = {i: m.blocks[i].mixer.init_states.detach().expand(2, -1, -1).clone() for i in (0, 2)}
+    with torch.no_grad():
+        for t in range(15):
+            m(x[:, t:t + 1], cache=cache, input_pos=torch.tensor([t]))
+            for i in (0, 2):
+                now = cache[i].states.clone()
+                assert torch.equal(now, before[i]) == (t % w != w - 1), (i, t)
+                before[i] = now
+    assert cache[1].states is None                                         # a block_attn layer holds none
+
+
+@pytest.mark.parametrize("gate", ["fixed", "lstm"])
+def test_brt_gradients_reach_gates_and_states(gate):
+    m = build(brt_config(state_gate=gate))
+    m.train()
+    x = ids_of(2, 14)                                                      # 3.5 blocks
+    out = m(x, targets=ids_of(2, 14, seed=2))
+    out.loss.backward()
+    layer = m.blocks[1].mixer
+    names = ["init_states", "gate_1.z.weight", "gate_1.i_bias", "gate_1.f_bias",
+             "gate_2.z.weight", "gate_2.i_bias", "gate_2.f_bias", "q_state.weight", "o_self.weight",
+             "o_tokens.weight", "o_read.weight", "state_ffn.up.weight"]
+    if gate == "lstm":
+        names += ["gate_1.i.weight", "gate_1.f.weight", "gate_2.i.weight", "gate_2.f.weight"]
+    params = dict(layer.named_parameters())
+    for n in names:
+        assert params[n].grad is not None and params[n].grad.abs().max() > 0, n
+
+
+def test_brt_truncated_backprop_between_segments():
+    """Without detach, the second segment's loss reaches the first segment's state update; after
+    BlockMemory.detach() it does not (truncated backprop)."""
+    m = build(brt_config())
+    m.train()
+    x = ids_of(1, 12)
+    layer = m.blocks[1].mixer
+    for detach in (False, True):
+        m.zero_grad()
+        cache = m.setup_cache(1, 0)
+        m(x[:, :8], cache=cache, input_pos=torch.arange(8))                 # two whole blocks
+        if detach:
+            for c in cache:
+                c.detach()
+        m(x[:, 8:], cache=cache, input_pos=torch.arange(8, 12)).logits.pow(2).mean().backward()
+        g = layer.gate_1.z.weight.grad
+        reached = g is not None and g.abs().max() > 0
+        assert reached != detach, detach
+
+
+def dependence(model, ids, j):
+    """How much the last position's logits move when token j changes."""
+    other = ids.clone()
+    other[:, j] = (other[:, j] + 1) % V
+    with torch.no_grad():
+        return (model(other).logits[:, -1] - model(ids).logits[:, -1]).abs().max().item()
+
+
+@pytest.mark.parametrize("n_layer", [1, 2])
+def test_brt_attention_is_block_local_and_states_reach_further(n_layer):
+    """Each block_attn layer sees its own block and the previous one, so a stack of L of them sees L
+    blocks back (as Transformer-XL); a token L+1 or more blocks back changes nothing. With a recurrent
+    layer the states carry it."""
+    w, T = 4, 24                                                           # the last token is in block 5
+    local = build(brt_config(n_layer=n_layer, recurrent_layers=()))
+    assert set(local.mixer_types) == {"block_attn"}
+    x = ids_of(2, T)
+    last_block = (T - 1) // w
+    for back in range(1, 6):
+        j = (last_block - back) * w + 1
+        moved = dependence(local, x, j)
+        assert (moved > 1e-4) if back <= n_layer else (moved == 0.0), (back, moved)
+    rec = build(brt_config(n_layer=n_layer, recurrent_layers=(n_layer - 1,)))
+    for back in range(1, 6):
+        assert dependence(rec, x, (last_block - back) * w + 1) > 1e-4, back
+
+
+@pytest.mark.parametrize("gate", ["fixed", "lstm"])
+def test_brt_generate_equals_greedy_full_forwards(gate):
+    m = build(brt_config(state_gate=gate))
+    prompt = ids_of(2, 5)
+    with torch.no_grad():
+        out = m.generate(prompt, 17, temperature=0)                       # positions 5..21: 4 block ends
+        assert torch.equal(out, greedy_full_forwards(m, prompt, 17))
+
+
+def test_brt_layer_types():
+    cfg = brt_config(n_layer=4, recurrent_layers=(1, 3))
+    m = Transformer(cfg)
+    assert m.mixer_types == ["block_attn", "recurrent", "block_attn", "recurrent"]
+    with pytest.raises(ValueError, match="recurrent_layers"):
+        brt_config(recurrent_layers=(3,))
+    with pytest.raises(ValueError, match="recurrent_layers"):
+        brt_config(block_width=0)
