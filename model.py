@@ -100,6 +100,7 @@ class Config:
     moe_shared_d_ff: int | None = None  # width of an always-on shared expert with a sigmoid gate (Qwen)
     moe_aux_weight: float = 0.01      # load-balancing loss weight inside aux_loss
     moe_z_weight: float = 0.0         # router z-loss weight inside aux_loss (ST-MoE, arXiv:2202.08906)
+    moe_pool_balance: bool = False    # one balance loss over all MoE layers' routing (HF); False: per layer (Switch)
     # embeddings and head
     tie_embeddings: bool = True
     embed_scale: float | None = None  # multiply token embeddings (Gemma: sqrt(d_model))
@@ -118,7 +119,12 @@ class Config:
     recurrent_layers: tuple = ()      # indices of the layers that carry state vectors
     n_states: int = 32                # state vectors per recurrent layer
     state_gate: str = "fixed"         # fixed | lstm
+    state_forget_bias: float = 1.0    # initial forget-gate bias: about log(blocks to remember) (arXiv:1804.11188)
     state_dropout: float = 0.0        # dropout on the new state content during training
+    memory_dropout: float = 0.0       # training: hide a block's memory (all keys before the block) with this probability
+    compress_factor: int = 0          # blocks older than the XL memory are mean-pooled c:1 into slots (0 = off)
+    compress_slots: int = 16          # compressed slots a query reads: those just before its previous block
+    pos_bias_dim: int = 32            # position dynamic_bias: hidden width of the MLP over key distances
     # recurrence in depth: Universal Transformer = layer_groups 1 (one block, n_layer steps) + these
     depth_embedding: str = "none"     # none | sinusoidal (position + step timing) | learned: added before each step
     act: bool = False                 # Adaptive Computation Time: per-position halting over the n_layer steps
@@ -149,6 +155,13 @@ class Config:
         if any(not 0 <= i < self.n_layer for i in self.recurrent_layers) or (self.recurrent_layers and not self.block_width):
             raise ValueError(f"recurrent_layers={list(self.recurrent_layers)} must be layer indices below "
                              f"n_layer={self.n_layer}, with block_width > 0")
+        c = self.compress_factor
+        if c < 0 or c and (not self.block_width or self.block_width % c or self.compress_slots < 1):
+            raise ValueError(f"compress_factor={c} must divide a positive block_width={self.block_width} "
+                             f"(0 = off), with compress_slots={self.compress_slots} >= 1")
+        if self.position == "dynamic_bias" and not self.block_width:
+            raise ValueError("position='dynamic_bias' is built into block-recurrent layers; set block_width > 0 "
+                             "or pick another position")
         if self.dn_v_heads is not None and self.dn_v_heads % self.dn_heads:
             raise ValueError(f"dn_v_heads={self.dn_v_heads} must be a multiple of dn_heads={self.dn_heads}")
         if "moe" in self.ffn_pattern and not 1 <= self.moe_top_k <= self.n_expert:
@@ -173,9 +186,12 @@ class Config:
                 check_choice(f"{part} section key", key, [f.name for f in dataclasses.fields(self)])
         if self.architecture == "encoder_decoder":  # validate both stacks now, not at first use
             stack_config(self, "encoder"), stack_config(self, "decoder")
+        elif self.encoder or self.decoder:
+            raise ValueError(f"encoder:/decoder: sections configure the stacks of an encoder_decoder; "
+                             f"this config is {self.architecture}: move their keys to the top level")
         if self.layer_groups is not None and not 1 <= self.layer_groups <= self.n_layer:
             raise ValueError(f"layer_groups={self.layer_groups} must be between 1 and n_layer={self.n_layer}")
-        for key in ("dropout", "drop_path"):
+        for key in ("dropout", "drop_path", "state_dropout", "memory_dropout"):
             if not 0 <= getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)} must be in [0, 1)")
 
@@ -214,6 +230,7 @@ class Config:
         import yaml  # lazy: model.py imports only torch at module level
         with open(path) as f:
             raw = yaml.safe_load(f) or {}
+        raw.pop("train", None)  # a `train:` section holds train.py's settings, not the architecture
         return cls.from_dict({**raw, **overrides})
 
 
@@ -221,7 +238,8 @@ def check_choice(what, value, allowed):
     if value not in allowed:
         close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"{what}={value!r} is not one of {sorted(allowed)}{hint}")
+        choices = f"one of {sorted(allowed)}" if len(allowed) <= 12 else "known (the fields of Config in model.py)"
+        raise ValueError(f"{what}={value!r} is not {choices}{hint}")
 
 
 def check_type(name, value, tp):
@@ -243,7 +261,15 @@ def stack_config(cfg: Config, part: str) -> Config:
     """One stack of an encoder-decoder: the shared fields, overridden by that stack's section."""
     own = {"encoder": dict(architecture="encoder_only", tie_embeddings=True, head_bias=False, head_transform=False),
            "decoder": dict(architecture="decoder_only", cross_attention=True)}[part]
-    return dataclasses.replace(cfg, encoder=None, decoder=None, **own, **(getattr(cfg, part) or {}))
+    section = getattr(cfg, part) or {}
+    for key in section:  # the stacks share one embedding and pass d_model-wide states; the rest is fixed per stack
+        if key in ("vocab_size", "d_model", "encoder", "decoder", *own):
+            raise ValueError(f"{part} section key {key!r} cannot be set per stack of an encoder-decoder; "
+                             f"set it at the top level (or not at all)")
+    try:
+        return dataclasses.replace(cfg, encoder=None, decoder=None, **own, **section)
+    except ValueError as e:  # say which stack: the same key may be fine at the top level
+        raise ValueError(f"{part} stack: {e}") from None
 
 
 def layer_types(cfg: Config) -> list:
@@ -286,13 +312,14 @@ PLACEMENTS = ("pre", "post", "sandwich")
 
 def sinusoidal_table(n_pos, dim):
     """The fixed sin/cos table of "Attention Is All You Need" (arXiv:1706.03762), laid out as Marian
-    has it: sines in the first half of the channels, cosines in the second."""
-    pos = torch.arange(n_pos, dtype=torch.float32)[:, None]                              # (P, 1)
-    inv = 10000.0 ** -(torch.arange(0, dim, 2, dtype=torch.float32) / dim)              # (C/2,)
-    return torch.cat((torch.sin(pos * inv), torch.cos(pos * inv)), dim=-1)               # (P, C)
+    has it: sines in the first half of the channels, cosines in the second. Computed in float64 as Marian
+    does, so the fp32 table is the same to the last bit (fp32 angles are off by ~1e-6 at position 64)."""
+    pos = torch.arange(n_pos, dtype=torch.float64)[:, None]                              # (P, 1)
+    inv = 10000.0 ** -(torch.arange(0, dim, 2, dtype=torch.float64) / dim)              # (C/2,)
+    return torch.cat((torch.sin(pos * inv), torch.cos(pos * inv)), dim=-1).float()       # (P, C)
 
 
-POSITIONS = ("learned", "sinusoidal", "rope", "relative_bias", "disentangled", "none")  # absolute ones: added
+POSITIONS = ("learned", "sinusoidal", "rope", "relative_bias", "disentangled", "dynamic_bias", "none")  # absolute ones: added
 
 
 class RelativeBias(nn.Module):
@@ -392,6 +419,8 @@ class Context(NamedTuple):
     causal: bool = True      # with mask None: causal (decoders) or attend everywhere (encoders)
     memory: torch.Tensor | None = None  # cross-attention: the encoder output (B, S, C)
     rel_pos: tuple | None = None  # disentangled attention: normed relative embeddings (2span, C), index (T, T)
+    pad: torch.Tensor | None = None  # deltanet: (B, T) 1 = token, 0 = padding, zeroed before the projections
+    keys: int | None = None  # decode: read only the first `keys` cache slots, the ones written so far
 
 
 def attend(q, k, v, mask=None, causal=False, scale=None, softcap=None, dropout=0.0):
@@ -466,14 +495,14 @@ class Attention(nn.Module):
         return k, self.v_proj(src).view(B, S, self.nkv, self.hs).transpose(1, 2)
 
     def keys_values(self, x, ctx, cache):
-        """Self-attention: the new tokens' keys (RoPE'd), written to the cache; decoding reads all slots."""
+        """Self-attention: the new tokens' keys (RoPE'd), written to the cache; decoding reads the slots written so far."""
         k, v = self.project_kv(x)
         if ctx.rope is not None:
             k = apply_rope(k, *ctx.rope)
         if cache is None:
             return k, v, ctx
         k_all, v_all = cache.update(ctx.pos, k, v)
-        return (k_all, v_all, ctx) if ctx.use_cache else (k, v, ctx)
+        return (k_all[:, :, :ctx.keys], v_all[:, :, :ctx.keys], ctx) if ctx.use_cache else (k, v, ctx)
 
 
 class CrossAttention(Attention):
@@ -492,40 +521,86 @@ class CrossAttention(Attention):
 # ----------------------------------------------------------------------------------------------
 # 2. Building blocks: Block-Recurrent Transformer (Hutchins et al. 2022, arXiv:2203.07852).
 # Tokens come in blocks of block_width; each sees its own block up to itself and the whole previous
-# block, which may come from the previous call (XL memory). Recurrent layers also carry n_states
-# state vectors: tokens read the states of the block's start; after the block, the states attend to
-# themselves and to the block's tokens and pass through gates into their next value.
+# block, which may come from the previous call (XL memory). With compress_factor c, the blocks before
+# that are kept too, mean-pooled c:1 into compressed slots (Compressive Transformer). Recurrent layers
+# also carry n_states state vectors: tokens read the states of the block's start; after the block,
+# the states attend to themselves and to the block's tokens and pass through gates into their next value.
 
 
 class BlockMemory:
     """What a block-recurrent layer carries from one call to the next: keys/values (and positions)
-    from the previous block on; recurrent layers add their states and the current block's tokens."""
-    k = v = pos = states = block_k = block_v = block_pos = None
+    from the previous block on, the last compress_slots compressed slots (keys, values, first positions);
+    recurrent layers add their states and the current block's tokens."""
+    k = v = pos = ck = cv = cpos = states = block_k = block_v = block_pos = None
 
     def detach(self):  # truncated backprop between training segments
-        for name in ("k", "v", "states", "block_k", "block_v"):
+        for name in ("k", "v", "ck", "cv", "states", "block_k", "block_v"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).detach())
 
 
+class DynamicPositionBias(nn.Module):
+    """A per-head attention bias from an MLP over the key distance (dynamic position bias, CrossFormer,
+    Wang et al. 2021, arXiv:2108.00154), on log distances as Swin v2 has them (arXiv:2111.09883), so a
+    compressed slot's fractional distance gets a bias too."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(1, cfg.pos_bias_dim), nn.SiLU(), nn.Linear(cfg.pos_bias_dim, cfg.n_head))
+
+    def forward(self, dist):                              # dist: (T, S) query - key position, >= 0 where attended
+        d, index = dist.clamp(min=0).unique(return_inverse=True)   # the MLP runs once per distinct distance
+        d = torch.log1p(d)[:, None].type_as(self.mlp[0].weight)            # distances stay exact in fp32
+        return self.mlp(d)[index].permute(2, 0, 1)[None]                   # (1, nh, T, S)
+
+
 class BlockAttention(Attention):
-    """Block-local causal attention with the previous block as memory."""
+    """Block-local causal attention with the previous block as memory, optionally older blocks compressed."""
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
-        self.width = cfg.block_width
+        self.width, self.c, self.slots = cfg.block_width, cfg.compress_factor, cfg.compress_slots
+        self.memory_dropout = cfg.memory_dropout
+        self.pos_bias = DynamicPositionBias(cfg) if cfg.position == "dynamic_bias" else None
 
     def keys_values(self, x, ctx, cache):
+        w, qpos = self.width, ctx.pos[:, None]                                # qpos: (T, 1)
         k, v, _ = super().keys_values(x, ctx, None)                           # new keys, RoPE'd
         kpos = ctx.pos
         if cache is not None and cache.k is not None:
             k, v, kpos = torch.cat((cache.k, k), 2), torch.cat((cache.v, v), 2), torch.cat((cache.pos, kpos))
+        old = kpos < (int(ctx.pos[-1]) + 1) // w * w - w        # what the next call's first token no longer sees
+        mask = (kpos <= qpos) & (kpos // w >= qpos // w - 1)                  # (T, S)
+        at = kpos.float()                                                     # where each key sits
+        if self.c:  # slots before a query's previous block: the last compress_slots of them
+            ck, cv, cpos = self.compress(k[:, :, old], v[:, :, old], kpos[old], cache)
+            edge = (qpos // w - 1) * w
+            mask = torch.cat(((cpos < edge) & (cpos >= edge - self.slots * self.c), mask), 1)   # (T, Sc + S)
+            at = torch.cat((cpos + (self.c - 1) / 2, at))                    # a slot sits at its tokens' mean
         if cache is not None:  # keep what the next call's first token can still see
-            keep = kpos >= (int(ctx.pos[-1]) + 1) // self.width * self.width - self.width
-            cache.k, cache.v, cache.pos = k[:, :, keep], v[:, :, keep], kpos[keep]
-        qb, kb = ctx.pos[:, None] // self.width, kpos[None, :] // self.width
-        mask = (kpos[None, :] <= ctx.pos[:, None]) & (kb >= qb - 1)                 # (T, S)
+            cache.k, cache.v, cache.pos = k[:, :, ~old], v[:, :, ~old], kpos[~old]
+        if self.c:
+            k, v, kpos = torch.cat((ck, k), 2), torch.cat((cv, v), 2), torch.cat((cpos, kpos))
+        if self.training and self.memory_dropout:  # hide a block's whole memory from it, per sequence
+            qb = ctx.pos // w                                                                 # (T,)
+            drop = torch.rand(x.shape[0], int(qb[-1] - qb[0]) + 1, device=x.device) < self.memory_dropout
+            mask = mask & ~(drop[:, qb - qb[0], None] & (kpos // w < qb[:, None]))[:, None]  # (B, 1, T, S)
+        if self.pos_bias is not None:  # a float mask: the bias, and -inf where masked
+            mask = self.pos_bias(qpos - at).masked_fill(~mask, float("-inf"))
         return k, v, ctx._replace(mask=mask)
+
+    def compress(self, k, v, kpos, cache):
+        """Mean-pool keys/values leaving the XL memory c:1 (one of Rae et al. 2019's compression functions,
+        arXiv:1911.05507) onto the cached slots; the cache keeps the last compress_slots of them."""
+        n = len(kpos) // self.c                     # whole groups: a call without cache may start mid-group
+        cut = len(kpos) - n * self.c
+        ck, cv = (t[:, :, cut:].unflatten(2, (n, self.c)).mean(3) for t in (k, v))   # (B, nkv, n, hs)
+        cpos = kpos[cut::self.c]                                                        # (n,) first positions
+        if cache is not None and cache.ck is not None:
+            ck, cv, cpos = torch.cat((cache.ck, ck), 2), torch.cat((cache.cv, cv), 2), torch.cat((cache.cpos, cpos))
+        if cache is not None:
+            cache.ck, cache.cv, cache.cpos = ck[:, :, -self.slots:], cv[:, :, -self.slots:], cpos[-self.slots:]
+        return ck, cv, cpos
 
 
 class StateGate(nn.Module):
@@ -536,7 +611,8 @@ class StateGate(nn.Module):
         C, self.lstm = cfg.d_model, cfg.state_gate == "lstm"
         self.z = nn.Linear(C, C)
         self.i, self.f = (nn.Linear(C, C), nn.Linear(C, C)) if self.lstm else (nn.Identity(), nn.Identity())
-        self.i_bias, self.f_bias = nn.Parameter(torch.full((C,), -1.0)), nn.Parameter(torch.full((C,), 1.0))
+        self.i_bias = nn.Parameter(torch.full((C,), -1.0))                # input gate starts mostly shut
+        self.f_bias = nn.Parameter(torch.full((C,), cfg.state_forget_bias))
 
     def forward(self, state, h):                                          # (B, N, C) each
         if self.lstm:   # c' = sigmoid(f) c + sigmoid(i) tanh(z)
@@ -668,6 +744,8 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x, ctx: Context, cache=None):                           # x: (B, T, C)
         B, T, _ = x.shape
+        if ctx.pad is not None:  # padded inputs project to zero, so they add nothing to the conv or the state (HF)
+            x = torch.where(ctx.pad[..., None].bool(), x, 0.0)
         q, k, v, z, b, a = self.in_proj(x).split(self.split, dim=-1)
         qkv = torch.cat((q, k, v), dim=-1).transpose(1, 2)                     # (B, Cq+Ck+Cv, T)
         fresh = cache is None or not ctx.use_cache
@@ -736,8 +814,9 @@ FFNS = {"mlp": MLP, "glu": GLU}
 
 # ----------------------------------------------------------------------------------------------
 # 2. Building blocks: mixture of experts
-# A router turns probs (N, E) into one (token ids, weights) pair per expert; MoE runs each expert
-# once on its tokens (sorted and grouped, no loop over tokens) and adds the weighted outputs back.
+# A router turns probs (N, E) into routing slots grouped by expert: each slot's token and weight, and the
+# slots per expert. The experts' matrices are stacked (E, out, in), so each projection runs over all slots
+# at once (a grouped matmul), with no Python loop over tokens; the weighted outputs are added back per token.
 
 
 def token_choice(probs, cfg):
@@ -745,12 +824,9 @@ def token_choice(probs, cfg):
     w, idx = probs.topk(cfg.moe_top_k, dim=-1)                       # (N, k)
     if cfg.moe_renorm:
         w = w / w.sum(dim=-1, keepdim=True)
-    flat = idx.flatten()                                             # (N*k,) expert of each slot
-    order = flat.argsort(stable=True)                                # slots grouped by expert
-    counts = torch.bincount(flat, minlength=cfg.n_expert).tolist()
-    tokens = (order // cfg.moe_top_k).split(counts)
-    weights = w.flatten()[order].split(counts)
-    return list(zip(tokens, weights))
+    order = idx.flatten().argsort(stable=True)                       # (N*k,) slots grouped by expert
+    counts = torch.bincount(idx.flatten(), minlength=cfg.n_expert)   # (E,)
+    return order // cfg.moe_top_k, w.flatten()[order], counts
 
 
 def expert_choice(probs, cfg):
@@ -759,42 +835,84 @@ def expert_choice(probs, cfg):
     N, E = probs.shape
     cap = min(N, max(1, int(cfg.moe_capacity * N * cfg.moe_top_k / E)))
     w, tok = probs.t().topk(cap, dim=-1)                             # (E, cap)
-    return list(zip(tok, w))
+    return tok.flatten(), w.flatten(), torch.full((E,), cap, device=probs.device)
 
 
-ROUTERS = {"token_choice": token_choice, "expert_choice": expert_choice}
+ROUTERS = {"token_choice": token_choice, "expert_choice": expert_choice}  # probs (N, E) -> tokens, weights, counts
+
+
+def expert_linear(x, w, b, counts):
+    """x (M, in) holds counts[e] rows for each expert e in turn; w (E, out, in), b (E, out) or None -> (M, out).
+    One F.grouped_mm where torch takes the input (fp32/bf16/fp16 rows of whole 16-byte units): a grouped GEMM
+    kernel for bf16 on Hopper-class GPUs, torch's C++ loop elsewhere (on CPU no slower than this one); otherwise
+    a Python loop over the experts."""
+    w = w.to(x.dtype)                                                # autocast leaves grouped_mm's dtypes alone
+    if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.shape[1] * x.element_size() % 16 == 0:
+        y = F.grouped_mm(x, w.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
+    else:
+        y = torch.cat([xe @ we.T for xe, we in zip(x.split(counts.tolist()), w.unbind(0))])
+    return y if b is None else y + b.to(y.dtype).repeat_interleave(counts, dim=0, output_size=len(x))
+
+
+def balance_loss(loads, n_expert):
+    """Switch Transformer's load balance (Fedus et al. 2021, arXiv:2101.03961, eq. 4-6) over the routing
+    of `loads`, a list of (slots per expert (E,), summed router probs (E,), tokens): E * sum_e f_e * P_e
+    with f_e the slots per token routed to e (summing to k) and P_e the mean probability of e."""
+    counts, prob_sum, n = (sum(t) for t in zip(*loads))
+    return n_expert * (counts / n * prob_sum / n).sum()
 
 
 class MoE(nn.Module):
-    """Sparse mixture of expert FFNs with an optional gated shared expert (Qwen3-MoE / Qwen3-Next).
-    After each forward, `aux_loss` holds the weighted load-balancing + router z-loss of that call."""
+    """Sparse mixture of expert FFNs (the `ffn` kind: mlp or glu) with an optional gated shared expert
+    (Qwen3-MoE / Qwen3-Next). After each forward, `aux_loss` holds the weighted router z-loss and the
+    load-balancing loss of that call, and `load` what balance_loss reads.
+
+    Balance: Switch adds one E * sum_e f_e * P_e per MoE layer, and by default ours is the sum of those.
+    HF's Mixtral/Qwen loss pools every layer's routing into one f and one P before the product, which mixes
+    expert e of one layer with expert e of another; imported models set moe_pool_balance to match it, and
+    Transformer.forward then adds that pooled term instead of the per-layer ones.
+
+    Expert choice is not causal: an expert takes the top-capacity tokens of the whole call, so a later token
+    can change whether, and how much, an earlier token is routed. Training on whole sequences is consistent
+    with itself, but no one-token-at-a-time decoder can reproduce it, so setup_cache (and with it generate)
+    refuses expert_choice models rather than sample from a different routing than the one trained."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        self.router = nn.Linear(cfg.d_model, cfg.n_expert, bias=False)
-        self.experts = nn.ModuleList(FFNS[cfg.ffn](cfg, cfg.moe_d_ff) for _ in range(cfg.n_expert))
+        E, C, Fe = cfg.n_expert, cfg.d_model, cfg.moe_d_ff or cfg.ffn_dim
+        self.router = nn.Linear(C, E, bias=False)
+        # routed experts stacked like nn.Linear weights, (E, out, in); expert e is gate[e], up[e], down[e]
+        param = lambda *shape: nn.Parameter(torch.randn(shape) * cfg.init_std)  # noqa: E731
+        bias = lambda *shape: nn.Parameter(torch.zeros(shape)) if cfg.ffn_biased else None  # noqa: E731
+        self.gate, self.gate_bias = (param(E, Fe, C), bias(E, Fe)) if cfg.ffn == "glu" else (None, None)
+        self.up, self.up_bias = param(E, Fe, C), bias(E, Fe)
+        self.down, self.down_bias = param(E, C, Fe), bias(E, C)
+        self.act, self.drop = ACTIVATIONS[cfg.activation], nn.Dropout(cfg.dropout)
         if cfg.moe_shared_d_ff:
             self.shared_expert = FFNS[cfg.ffn](cfg, cfg.moe_shared_d_ff)
-            self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False)
+            self.shared_gate = nn.Linear(C, 1, bias=False)
         self.aux_loss = torch.zeros(())
 
     def forward(self, x):                                            # (B, T, C)
-        shape, x = x.shape, x.reshape(-1, x.shape[-1])               # (N, C)
+        cfg, shape, x = self.cfg, x.shape, x.reshape(-1, x.shape[-1])  # (N, C)
         logits = self.router(x)                                      # (N, E)
         probs = F.softmax(logits.float(), dim=-1)
-        y = torch.zeros_like(x)
-        counts = torch.zeros(self.cfg.n_expert, device=x.device)
-        for e, (tok, w) in enumerate(ROUTERS[self.cfg.moe_router](probs, self.cfg)):
-            counts[e] = len(tok)
-            if len(tok):
-                y.index_add_(0, tok, self.experts[e](x[tok]) * w[:, None].to(x.dtype))
-        if self.cfg.moe_shared_d_ff:
+        tok, w, counts = ROUTERS[cfg.moe_router](probs, cfg)         # (M,), (M,), (E,): slots grouped by expert
+        h = x[tok]                                                   # (M, C)
+        a = expert_linear(h, self.up, self.up_bias, counts)          # (M, Fe)
+        if self.gate is not None:                                    # GLU: act(gate h) * up h
+            a = self.act(expert_linear(h, self.gate, self.gate_bias, counts)) * a
+        else:
+            a = self.act(a)
+        h = expert_linear(a, self.down, self.down_bias, counts)      # (M, C)
+        y = self.drop(torch.zeros_like(x).index_add_(0, tok, (h * w[:, None].to(h.dtype)).to(x.dtype)))
+        if cfg.moe_shared_d_ff:
             y = y + torch.sigmoid(self.shared_gate(x)) * self.shared_expert(x)
-        # Switch-style balance E * sum_e f_e * P_e (f_e: share of slots, P_e: mean prob), and z-loss
-        balance = self.cfg.n_expert * (counts / len(x) * probs.mean(0)).sum()
-        z = torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
-        self.aux_loss = self.cfg.moe_aux_weight * balance + self.cfg.moe_z_weight * z
+        self.load = (counts, probs.sum(0), len(x))
+        balance = 0.0 if cfg.moe_pool_balance else balance_loss([self.load], cfg.n_expert)
+        z = torch.logsumexp(logits.float(), dim=-1).pow(2).mean()   # router z-loss (ST-MoE, arXiv:2202.08906)
+        self.aux_loss = cfg.moe_aux_weight * balance + cfg.moe_z_weight * z
         return y.view(shape)
 
 # ----------------------------------------------------------------------------------------------
@@ -833,7 +951,7 @@ class Block(nn.Module):
         mixer, ffn = layer_type
         self.mixer = MIXERS[mixer](cfg)
         if cfg.cross_attention:  # between the mixer and the FFN, with a norm of its own
-            self.norm_x, self.cross = make_norm(), CrossAttention(cfg)
+            self.norm_x, self.cross, self.post_norm_x = make_norm(), CrossAttention(cfg), nn.Identity()
         self.ffn = MoE(cfg) if ffn == "moe" else FFNS[cfg.ffn](cfg)
         self.drop_path = DropPath(cfg.drop_path)
 
@@ -846,7 +964,7 @@ class Block(nn.Module):
         x = self.residual(x, self.norm_1, self.post_norm_1, lambda h: self.mixer(h, ctx, cache))
         if cross_ctx is not None:
             cross_cache = cache.cross if cache is not None else None
-            x = self.residual(x, self.norm_x, nn.Identity(), lambda h: self.cross(h, cross_ctx, cross_cache))
+            x = self.residual(x, self.norm_x, self.post_norm_x, lambda h: self.cross(h, cross_ctx, cross_cache))
         return self.residual(x, self.norm_2, self.post_norm_2, self.ffn)
 
 
@@ -947,7 +1065,7 @@ class Transformer(nn.Module):
         self.apply(self._init_weights)
         if cfg.scaled_residual_init:  # GPT-2: residual projections shrink with depth
             for name, p in self.named_parameters():
-                if name.endswith(("o_proj.weight", "down.weight")):
+                if name.endswith(("o_proj.weight", "down.weight", "ffn.down")):   # ffn.down: stacked MoE experts
                     nn.init.normal_(p, 0.0, cfg.init_std / math.sqrt(2 * cfg.n_layer))
 
     def _init_weights(self, m):
@@ -975,20 +1093,25 @@ class Transformer(nn.Module):
         if attention_mask is not None and use_cache:
             raise ValueError("attention_mask is for encoders and full forwards; cached decoding takes unpadded rows")
         pad = attention_mask[:, None, None, :].bool() if attention_mask is not None else None   # (B, 1, 1, S)
+        padded_or_biased = pad is not None or cfg.position in ("relative_bias", "disentangled")
         ctx = {}
         for t in set(self.mixer_types):
             rope = self.rope[t](pos) if cfg.position == "rope" and t in self.rope else None
             if t in ("deltanet", "block_attn", "recurrent"):  # these build their own masks from their carry
-                ctx[t] = Context(pos, rope, None, use_cache)
+                ctx[t] = Context(pos, rope, None, use_cache, pad=attention_mask)
                 continue
             window = cfg.sliding_window if t == "local_attn" else None
-            if not (use_cache or window or pad is not None or cfg.position in ("relative_bias", "disentangled")):
+            if not (use_cache or window or padded_or_biased):
                 ctx[t] = Context(pos, rope, None, False, causal)   # plain causal or unmasked: fused kernels
                 continue
-            kpos = pos
-            if use_cache:  # keys are the cache slots; each slot's absolute position comes from the ring
+            kpos, keys = pos, None
+            if use_cache:  # keys are the written cache slots; each one's absolute position comes from the ring
                 slots, last = cache[self.mixer_types.index(t)].slots, pos[-1]
-                kpos = last - (last - torch.arange(slots, device=pos.device)) % slots   # (S,)
+                keys = min(slots, int(last) + 1)  # reading only these costs O(length so far), not O(max_len)
+                kpos = last - (last - torch.arange(keys, device=pos.device)) % slots    # (S,), S = keys
+                if len(pos) == 1 and not padded_or_biased:  # one query sees every written slot (the ring holds
+                    ctx[t] = Context(pos, rope, None, True, False, keys=keys)  # just its window): no mask
+                    continue
             rel = kpos[None, :] - pos[:, None]                                           # (T, S) key - query
             mask = (kpos >= 0) & (rel <= 0) if causal else torch.ones_like(rel, dtype=torch.bool)
             if window:  # a band of `window` keys, the query itself included
@@ -1001,7 +1124,7 @@ class Transformer(nn.Module):
             if cfg.position == "disentangled":  # the layers add their own bias to this mask
                 idx = deberta_buckets(-rel, cfg.rel_buckets, cfg.rel_max_distance)      # (T, T), query - key
                 rel_pos = (self.rel_norm(self.rel_embeddings.weight), idx)
-            ctx[t] = Context(pos, rope, mask, use_cache, causal, rel_pos=rel_pos)
+            ctx[t] = Context(pos, rope, mask, use_cache, causal, rel_pos=rel_pos, keys=keys)
         return ctx
 
     def forward(self, input_ids, targets=None, cache=None, input_pos=None, token_type_ids=None,
@@ -1027,6 +1150,9 @@ class Transformer(nn.Module):
         if cls_targets is not None:
             loss = (0 if loss is None else loss) + F.cross_entropy(cls_logits.float(), cls_targets)
         aux = sum((m.aux_loss for m in self.aux_modules), torch.zeros((), device=x.device))
+        loads = [m.load for m in self.aux_modules if isinstance(m, MoE)]
+        if cfg.moe_pool_balance and loads:  # HF's balance: every MoE layer's routing pooled into one term (see MoE)
+            aux = aux + cfg.moe_aux_weight * balance_loss(loads, cfg.n_expert)
         return ModelOutput(logits, loss, aux, cls_logits)
 
     def hidden(self, input_ids, cache=None, input_pos=None, token_type_ids=None, attention_mask=None,
@@ -1088,6 +1214,9 @@ class Transformer(nn.Module):
         p = self.lm_head.weight
         dtype, device = dtype or p.dtype, device or p.device
         cfg = self.config
+        if cfg.moe_router == "expert_choice" and any(f == "moe" for _, f in self.layer_types):
+            raise ValueError("moe_router='expert_choice' is not causal (experts pick among all tokens of a call), so "
+                             "cached decoding cannot route as training did; sample from a token_choice model")
         make = {"attn": lambda: KVCache(batch_size, cfg.kv_heads, max_len, cfg.hs, None, dtype, device),
                 "local_attn": lambda: KVCache(batch_size, cfg.kv_heads, max_len, cfg.hs, cfg.sliding_window,
                                               dtype, device),
@@ -1135,8 +1264,11 @@ class EncoderDecoder(Transformer):
             self.decoder.lm_head.weight = self.encoder.wte.weight
 
     def get_num_params(self, non_embedding=False):
+        """Parameter count (the shared embedding and a tied head once); non_embedding drops the token
+        table and both stacks' position tables."""
         n = sum(p.numel() for p in self.parameters())
-        return n - (self.encoder.get_num_params() - self.encoder.get_num_params(True) if non_embedding else 0)
+        tables = sum(s.get_num_params() - s.get_num_params(True) for s in (self.encoder, self.decoder))
+        return n - (tables - self.encoder.wte.weight.numel() if non_embedding else 0)   # wte is in both stacks
 
     def forward(self, input_ids, decoder_input_ids=None, targets=None, attention_mask=None, cache=None,
                 input_pos=None, memory=None) -> ModelOutput:
@@ -1160,7 +1292,8 @@ class EncoderDecoder(Transformer):
         returns (B, 1 + n) target ids, the start token first. Options as in Transformer.generate."""
         check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
         B = input_ids.shape[0]
-        if 1 + max_new_tokens > self.decoder.config.block_size:
+        absolute = self.decoder.config.position in ("learned", "sinusoidal")  # a hard limit; RoPE may run past it
+        if absolute and 1 + max_new_tokens > self.decoder.config.block_size:
             raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the decoder context of "
                              f"{self.decoder.config.block_size} tokens; ask for fewer tokens")
         memory = self.encoder.hidden(input_ids, attention_mask=attention_mask)
@@ -1217,7 +1350,7 @@ class KVCache(nn.Module):
         slot = pos % self.slots       # the identity unless this is a sliding-window layer
         self.k.index_copy_(2, slot, k.to(self.k.dtype))
         self.v.index_copy_(2, slot, v.to(self.v.dtype))
-        return self.k, self.v         # (B, nkv, S, hs); the caller masks slots not yet written
+        return self.k, self.v         # (B, nkv, S, hs); the caller reads only the slots written so far
 
 
 class DeltaNetState(nn.Module):
@@ -1251,9 +1384,10 @@ def top_k_filter(logits, k):          # keep the k largest logits
 
 
 def top_p_filter(logits, p):          # nucleus (Holtzman et al. 2019): smallest set with mass >= p
-    sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
-    probs = F.softmax(sorted_logits, dim=-1)
-    drop = probs.cumsum(-1) - probs >= p    # the mass before this token already reaches p
+    sorted_logits, idx = torch.sort(logits, dim=-1)    # ascending: summing the tail from its smallest
+    probs = F.softmax(sorted_logits, dim=-1)           # terms keeps it exact (a top-down cumsum hits 1.0
+    drop = probs.cumsum(-1) <= 1 - p                   # early in fp32, and p = 1 would drop tokens)
+    drop[..., -1] = False                              # the unlikeliest tokens with mass <= 1 - p go; the top stays
     return logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
 
 
@@ -1397,7 +1531,7 @@ def hf_gemma3_config(hf):  # Gemma 3 adds QK-norm and drops the attention softca
 def hf_mixtral_config(hf):  # every layer MoE, top-k always renormalised
     return {**hf_llama_config(hf), "ffn_pattern": ["moe"], "n_expert": hf["num_local_experts"],
             "moe_top_k": hf["num_experts_per_tok"], "moe_renorm": True,
-            "moe_aux_weight": hf.get("router_aux_loss_coef", 0.01)}
+            "moe_aux_weight": hf.get("router_aux_loss_coef", 0.01), "moe_pool_balance": True}
 
 
 def hf_qwen3_moe_config(hf):  # MoE where (i+1) % decoder_sparse_step == 0, except mlp_only_layers
@@ -1406,7 +1540,8 @@ def hf_qwen3_moe_config(hf):  # MoE where (i+1) % decoder_sparse_step == 0, exce
     return {**hf_qwen3_config(hf), "ffn_pattern": pattern,
             "n_expert": hf.get("num_local_experts") or hf["num_experts"],
             "moe_top_k": hf["num_experts_per_tok"], "moe_d_ff": hf["moe_intermediate_size"],
-            "moe_renorm": hf.get("norm_topk_prob", False), "moe_aux_weight": hf.get("router_aux_loss_coef", 0.01)}
+            "moe_renorm": hf.get("norm_topk_prob", False), "moe_aux_weight": hf.get("router_aux_loss_coef", 0.01),
+            "moe_pool_balance": True}  # HF's definition of the balance loss (see MoE)
 
 
 def hf_qwen3_next_config(hf):
@@ -1420,6 +1555,9 @@ def hf_qwen3_next_config(hf):
 
 def hf_bert_config(hf):
     """BERT: post-LN encoder, learned positions, token types, embedding LayerNorm, MLM + NSP heads."""
+    if hf.get("is_decoder"):
+        raise ValueError(f"{hf['model_type']} is_decoder=true (causal attention, cross-attention) is not supported; "
+                         f"the import reads bidirectional encoders")
     return dict(architecture="encoder_only", vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
                 n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], d_model=hf["hidden_size"],
                 d_ff=hf["intermediate_size"], norm_eps=hf["layer_norm_eps"], norm_placement="post",
@@ -1435,18 +1573,31 @@ def hf_albert_config(hf):
     return {**hf_bert_config(hf), "embed_dim": hf["embedding_size"], "layer_groups": hf["num_hidden_groups"]}
 
 
+DEBERTA_V3 = {  # HF option -> (its default, what the import implements, test of the value)
+    "relative_attention": (False, "true", bool),
+    "position_biased_input": (True, "false (no absolute positions)", lambda v: not v),
+    "share_att_key": (False, "true", bool),
+    "pos_att_type": (None, "c2p|p2c",  # a list, or in v3's hub files the string "p2c|c2p"
+                     lambda v: sorted(v.split("|") if isinstance(v, str) else v or []) == ["c2p", "p2c"]),
+    "position_buckets": (-1, "> 0", lambda v: v > 0),
+    "norm_rel_ebd": ("none", "layer_norm", lambda v: "layer_norm" in v),
+    "conv_kernel_size": (0, "0 (no convolution layer)", lambda v: not v),
+    "type_vocab_size": (0, "0", lambda v: not v),
+}
+
+
 def hf_deberta_config(hf):
     """DeBERTa-v3: BERT's post-LN encoder with disentangled attention over log-bucketed relative positions."""
-    supported = (hf.get("relative_attention") and not hf.get("position_biased_input", True)
-                 and hf.get("share_att_key") and sorted(hf.get("pos_att_type") or []) == ["c2p", "p2c"]
-                 and hf.get("position_buckets", -1) > 0 and "layer_norm" in hf.get("norm_rel_ebd", "")
-                 and hf.get("embedding_size", hf["hidden_size"]) == hf["hidden_size"] and not hf.get("type_vocab_size"))
-    if not supported:
-        raise ValueError("only DeBERTa-v3-style configs are supported (relative_attention, no absolute positions, "
-                         "shared c2p+p2c keys, position_buckets > 0, norm_rel_ebd layer_norm, no token types)")
+    for key, (default, need, ok) in DEBERTA_V3.items():
+        if not ok(hf.get(key, default)):
+            raise ValueError(f"DeBERTa {key}={hf.get(key, default)!r} is not supported; the import implements "
+                             f"DeBERTa-v3-style configs ({key} {need})")
+    if hf.get("embedding_size", hf["hidden_size"]) != hf["hidden_size"]:  # v2's embed_proj sits before the norm
+        raise ValueError(f"DeBERTa embedding_size={hf['embedding_size']} != hidden_size={hf['hidden_size']} "
+                         f"is not supported; the import implements DeBERTa-v3-style configs (no embed_proj)")
     hs = hf["hidden_size"] // hf["num_attention_heads"]
     max_rel = hf.get("max_relative_positions", -1)
-    return {**hf_bert_config({**hf, "type_vocab_size": 0}), "position": "disentangled", "cls_head": False,
+    return {**hf_bert_config(hf), "position": "disentangled", "cls_head": False,
             "rel_buckets": hf["position_buckets"],
             "rel_max_distance": max_rel if max_rel > 0 else hf["max_position_embeddings"],
             "attn_scale": (3 * hs) ** -0.5}  # q·k and both relative terms share sqrt(3·hs)
@@ -1466,6 +1617,9 @@ def hf_bart_config(hf):
 
 def hf_marian_config(hf):
     """Marian (the original Transformer for NMT): BART's layout with sinusoidal positions and no embedding norm."""
+    if not hf.get("share_encoder_decoder_embeddings", True):
+        raise ValueError("Marian share_encoder_decoder_embeddings=false (separate source and target vocabularies) "
+                         "is not supported; the import shares one embedding between encoder and decoder")
     return {**hf_bart_config(hf), "position": "sinusoidal", "pos_offset": 0, "embed_norm": False}
 
 
@@ -1513,7 +1667,7 @@ GPT2_KEYS = {  # Conv1D weights are (in, out): transposed on load; c_attn is spl
     "h.{}.attn.c_attn.weight": "blocks.{}.mixer.qkv.weight",
     "h.{}.attn.c_attn.bias": "blocks.{}.mixer.qkv.bias",
 }
-MOE_KEYS = {  # Qwen3-MoE; Mixtral names the same pieces block_sparse_moe.{gate, experts.{}.w1|w3|w2}
+MOE_KEYS = {  # Qwen3-MoE (Mixtral: block_sparse_moe.{gate, experts.{}.w1|w3|w2}); fix_moe stacks the experts
     **LLAMA_KEYS,
     "model.layers.{}.mlp.gate.weight": "blocks.{}.ffn.router.weight",
     **{f"model.layers.{{}}.mlp.experts.{{}}.{p}_proj.weight": f"blocks.{{}}.ffn.experts.{{}}.{p}.weight"
@@ -1603,6 +1757,10 @@ DEBERTA_KEYS = {
        {**BERT_LAYER, **{f"attention.self.{p}_proj": f"mixer.{p[0]}_proj" for p in ("query", "key", "value")}}.items()
        if not a.endswith(("query", "key", "value"))},
     **{k: v for k, v in BERT_KEYS.items() if k.startswith("cls.predictions")},
+    # legacy=False names the same MLM head lm_predictions.lm_head.{dense, LayerNorm, bias}
+    **{f"lm_predictions.lm_head.{a}.{w}": f"head_transform.{b}.{w}" for a, b in (("dense", 0), ("LayerNorm", 2))
+       for w in ("weight", "bias")},
+    "lm_predictions.lm_head.bias": "lm_head.bias",
 }
 QWEN3_NEXT_KEYS = {
     **MOE_KEYS,
@@ -1625,6 +1783,14 @@ def fix_gpt2(sd, cfg):
             sd[name.replace("qkv", f"{p}_proj")] = part
 
 
+def fix_moe(sd, cfg):
+    """HF stores each expert's matrices apart (ffn.experts.{e}.up.weight, ...); ours stacks them: (E, out, in)."""
+    for name in [n for n in sd if ".experts.0." in n]:
+        stem, part = name.split(".experts.0.")
+        sd[f"{stem}.{part.removesuffix('.weight')}"] = torch.stack(
+            [sd.pop(f"{stem}.experts.{e}.{part}") for e in range(cfg["n_expert"])])
+
+
 def fix_qwen3_next(sd, cfg):
     """HF groups in_proj_qkvz and in_proj_ba rows per key head ([q_g, k_g, v_g, z_g], [b_g, a_g]);
     ours is one in_proj with rows [q, k, v, z, b, a]."""
@@ -1634,6 +1800,7 @@ def fix_qwen3_next(sd, cfg):
         qkvz = sd.pop(name).unflatten(0, (nk, -1)).split([dk, dk, r * dv, r * dv], dim=1)   # each (nk, *, C)
         ba = sd.pop(name.replace("qkvz", "ba")).unflatten(0, (nk, -1)).split([r, r], dim=1)
         sd[name.replace("in_proj_qkvz", "in_proj.weight")] = torch.cat([p.flatten(0, 1) for p in qkvz + ba])
+    fix_moe(sd, cfg)
 
 
 def fix_bart(sd, cfg):
@@ -1648,8 +1815,8 @@ HF_FAMILIES = {  # model_type -> (config translation, key map, reshaping of the 
     "qwen3": (hf_qwen3_config, LLAMA_KEYS, None),
     "gemma2": (hf_gemma_config, GEMMA_KEYS, None),
     "gemma3_text": (hf_gemma3_config, GEMMA_KEYS, None),
-    "mixtral": (hf_mixtral_config, MIXTRAL_KEYS, None),
-    "qwen3_moe": (hf_qwen3_moe_config, MOE_KEYS, None),
+    "mixtral": (hf_mixtral_config, MIXTRAL_KEYS, fix_moe),
+    "qwen3_moe": (hf_qwen3_moe_config, MOE_KEYS, fix_moe),
     "qwen3_next": (hf_qwen3_next_config, QWEN3_NEXT_KEYS, fix_qwen3_next),
     "bert": (hf_bert_config, BERT_KEYS, None),
     "albert": (hf_albert_config, ALBERT_KEYS, None),
@@ -1744,7 +1911,10 @@ Transformer.from_checkpoint = staticmethod(from_checkpoint)
 
 if __name__ == "__main__":  # python model.py configs/X.yaml: parameter count and one forward pass
     import sys
-    cfg = Config.from_yaml(sys.argv[1]) if len(sys.argv) > 1 else Config()
+    try:
+        cfg = Config.from_yaml(sys.argv[1]) if len(sys.argv) > 1 else Config()
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
     with torch.device("meta" if "--meta" in sys.argv else "cpu"):
         model = Transformer(cfg)
     print(f"{cfg.architecture}: {model.get_num_params() / 1e6:.2f}M parameters, "

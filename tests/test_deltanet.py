@@ -219,9 +219,9 @@ def test_qwen3_next_greedy_matches_hf_full_forwards(qwen3_next):
     assert torch.equal(out, seq)
 
 
-@pytest.mark.xfail(strict=True, reason="model.py: GatedDeltaNet ignores attention_mask (HF zeroes padded "
-                                        "hidden states before its projections), so left padding leaks into the state")
 def test_qwen3_next_left_padding_matches_hf(qwen3_next):
+    """HF zeroes padded hidden states before a DeltaNet layer's projections, so left padding adds nothing to
+    the conv window or the state: the padded row's tokens get the logits of the same tokens unpadded."""
     hf, ours = qwen3_next
     ids = ids_of(2, 24, seed=7)
     mask = torch.ones_like(ids)
@@ -229,8 +229,12 @@ def test_qwen3_next_left_padding_matches_hf(qwen3_next):
     with torch.no_grad():
         want = hf(ids, attention_mask=mask).logits
         got = ours(ids, attention_mask=mask).logits
+        unmasked = ours(ids).logits
+        alone = ours(ids[:1, 5:]).logits                                  # row 0 without its padding
     keep = mask.bool()
     assert (got - want)[keep].abs().max().item() <= 1e-4
+    assert (unmasked - want)[keep].abs().max().item() > 1e-2              # the padding would leak without the mask
+    assert (got[0, 5:] - alone[0]).abs().max().item() <= 1e-4
 
 
 # ----------------------------------------------------------------------------------------------
