@@ -291,6 +291,7 @@ def prepare(source, out_dir, tokenizer="char", bpe_vocab_size=1024):
                          f"least {int(2 / VAL_FRACTION)} (pass a longer text)")
     dtype = "uint16" if tok.vocab_size <= 2 ** 16 else "uint32"
     out_dir.mkdir(parents=True, exist_ok=True)
+    meta_path.unlink(missing_ok=True)  # an old meta.json must not vouch for half-written .bin files
     write_tokens(out_dir / "train.bin", ids[:-n_val], getattr(torch, dtype))
     write_tokens(out_dir / "val.bin", ids[-n_val:], getattr(torch, dtype))
     if tok.meta["kind"] == "bpe":
