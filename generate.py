@@ -24,6 +24,7 @@ from model import Transformer, check_sampling, from_checkpoint, load_checkpoint
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SEPARATOR = "\n" + "-" * 40
 NEEDS_IDS = "give the prompt as token ids with --ids 1,2,3"
+DEFAULT_NEW_TOKENS = 256
 
 
 class Parser(argparse.ArgumentParser):
@@ -40,7 +41,8 @@ def parse_args(argv):
     prompt.add_argument("--prompt", default="\n")
     prompt.add_argument("--prompt_file", help="read the prompt from this file")
     prompt.add_argument("--ids", help="the prompt as comma-separated token ids")
-    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help=f"default {DEFAULT_NEW_TOKENS}, or fewer where the model's context (block_size) ends sooner")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top_p", type=float, default=None, help="keep the smallest set with this much mass")
@@ -53,7 +55,7 @@ def parse_args(argv):
     args = p.parse_args(argv)
     check_sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
     for key in ("max_new_tokens", "num_samples"):
-        if getattr(args, key) < 1:
+        if getattr(args, key) is not None and getattr(args, key) < 1:
             raise ValueError(f"--{key}={getattr(args, key)} must be at least 1")
     return args
 
@@ -83,8 +85,8 @@ def parts(node):
     """A tokenizer.json component and, for a Sequence, its members, as a flat list."""
     if not node:
         return []
-    return [q for p in node.get("pretokenizers") or node.get("processors") or node.get("decoders")
-            or node.get("normalizers") or [node] for q in parts(p) if p is not node] or [node]
+    members = node.get("pretokenizers") or node.get("processors") or node.get("decoders") or node.get("normalizers")
+    return [q for p in members for q in parts(p)] if members else [node]
 
 
 class ByteLevelBPE:
@@ -212,11 +214,13 @@ class Streamer:
     """The generate() callback: prints each new token as it comes. Text is decoded in pieces that end
     on a whole character, so a UTF-8 character split over several byte tokens prints once, complete."""
 
-    def __init__(self, tok, stop, out=sys.stdout):
-        self.tok, self.stop, self.out, self.pending, self.count = tok, set(stop), out, [], 0
+    def __init__(self, tok, stop, echo=""):
+        self.tok, self.stop, self.echo, self.pending, self.count = tok, set(stop), echo, [], 0
 
     def __call__(self, ids):                                     # ids: (1,) the new token
         token = int(ids[0])
+        if not self.count:  # the prompt is echoed with the first token: an input error leaves stdout empty
+            self.write(self.echo)
         self.count += 1
         if token in self.stop:
             return
@@ -229,8 +233,8 @@ class Streamer:
             self.pending = []
 
     def write(self, text):
-        self.out.write(text)
-        self.out.flush()
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
     def flush(self):
         if self.pending:
@@ -238,13 +242,20 @@ class Streamer:
             self.pending = []
 
 
+def default_new_tokens(model, prompt_len):
+    """DEFAULT_NEW_TOKENS, or fewer if the context ends sooner (a learned position table has no more rows)."""
+    if model.config.architecture == "encoder_decoder":   # the target starts from one start token
+        return max(1, min(DEFAULT_NEW_TOKENS, model.decoder.config.block_size - 1))
+    return max(1, min(DEFAULT_NEW_TOKENS, model.config.block_size - prompt_len))
+
+
 def sample(model, x, tok, stop, generator, echo, args):
     """One sample streamed to stdout; its speed to stderr."""
-    streamer = Streamer(tok, stop)
-    if model.config.architecture == "decoder_only":  # an encoder-decoder's output does not continue the prompt
-        streamer.write(echo)
+    # an encoder-decoder's output does not continue the prompt: no echo
+    streamer = Streamer(tok, stop, echo if model.config.architecture == "decoder_only" else "")
+    n = args.max_new_tokens or default_new_tokens(model, x.shape[1])
     t0 = time.perf_counter()
-    model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+    model.generate(x, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    min_p=args.min_p, repetition_penalty=args.repetition_penalty, stop_tokens=stop,
                    generator=generator, callback=streamer)
     streamer.flush()

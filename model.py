@@ -495,7 +495,7 @@ class Attention(nn.Module):
         return k, self.v_proj(src).view(B, S, self.nkv, self.hs).transpose(1, 2)
 
     def keys_values(self, x, ctx, cache):
-        """Self-attention: the new tokens' keys (RoPE'd), written to the cache; decoding reads the slots written so far."""
+        """Self-attention: the new tokens' keys (RoPE'd), written to the cache; decoding reads the written slots."""
         k, v = self.project_kv(x)
         if ctx.rope is not None:
             k = apply_rope(k, *ctx.rope)
