@@ -390,10 +390,10 @@ class Rotary(nn.Module):
 
 def apply_rope(x, cos, sin):                         # x: (B, nh, T, hs); cos, sin: (T, rd)
     rd = cos.shape[-1]
-    rot, rest = x[..., :rd], x[..., rd:]             # partial RoPE rotates the first rd channels
-    half = rot.shape[-1] // 2
-    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)  # rotate_half
-    return torch.cat(((rot * cos + rotated * sin).type_as(x), rest), dim=-1)
+    if rd < x.shape[-1]:                             # partial RoPE rotates the first rd channels only
+        return torch.cat((apply_rope(x[..., :rd], cos, sin), x[..., rd:]), dim=-1)
+    rotated = torch.cat((-x[..., rd // 2:], x[..., :rd // 2]), dim=-1)  # rotate_half
+    return (x * cos + rotated * sin).type_as(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1808,6 +1808,11 @@ def fix_bart(sd, cfg):
     sd["decoder.lm_head.bias"] = sd["decoder.lm_head.bias"].flatten()
 
 
+def fix_masked_lm(sd, cfg):
+    """A *ForMaskedLM file has no pooler and no NSP/SOP classifier (a *ForPreTraining one has both)."""
+    cfg["cls_head"] = "cls.weight" in sd
+
+
 HF_FAMILIES = {  # model_type -> (config translation, key map, reshaping of the renamed weights)
     "gpt2": (hf_gpt2_config, GPT2_KEYS, fix_gpt2),
     "llama": (hf_llama_config, LLAMA_KEYS, None),
@@ -1818,8 +1823,8 @@ HF_FAMILIES = {  # model_type -> (config translation, key map, reshaping of the 
     "mixtral": (hf_mixtral_config, MIXTRAL_KEYS, fix_moe),
     "qwen3_moe": (hf_qwen3_moe_config, MOE_KEYS, fix_moe),
     "qwen3_next": (hf_qwen3_next_config, QWEN3_NEXT_KEYS, fix_qwen3_next),
-    "bert": (hf_bert_config, BERT_KEYS, None),
-    "albert": (hf_albert_config, ALBERT_KEYS, None),
+    "bert": (hf_bert_config, BERT_KEYS, fix_masked_lm),
+    "albert": (hf_albert_config, ALBERT_KEYS, fix_masked_lm),
     "deberta-v2": (hf_deberta_config, DEBERTA_KEYS, None),
     "bart": (hf_bart_config, BART_KEYS, fix_bart),
     "marian": (hf_marian_config, MARIAN_KEYS, fix_bart),

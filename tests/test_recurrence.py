@@ -6,14 +6,25 @@ independent per-position halting reference; cached decoding equals the full forw
 Block-Recurrent Transformer (Hutchins et al. 2022): one call equals segment-by-segment processing
 with the carried cache; states change only at block ends; gradients reach the gates; attention is
 block-local, and only the states carry information further back; generation equals greedy full forwards.
+With compressed memories (Rae et al. 2019, mean pooling) and the dynamic position bias, a block_attn layer
+equals a per-query naive form, one call still equals segments, the compressed memory stays bounded and
+reaches exactly its slots back, memory/state dropout act only in training, and gradients reach the bias MLP.
 """
 import pytest
 import torch
-import torch.nn as nn
 
 from model import Config, Transformer, sinusoidal_table
 
 V = 48
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: extra threads only add synchronisation."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def ut_config(**kw):
@@ -79,7 +90,7 @@ def test_ut_equals_unrolled_stack(position):
 
 def depth_reference(model, ids):
     """The UT forward written as a loop over one block, adding the depth signal before each step."""
-    cfg, (B, T) = model.config, ids.shape
+    cfg, T = model.config, ids.shape[1]
     pos = torch.arange(T)
     x = model.embed(ids, pos)
     ctx = model.contexts(pos, None)["attn"]
@@ -401,3 +412,151 @@ def test_brt_layer_types():
         brt_config(recurrent_layers=(3,))
     with pytest.raises(ValueError, match="recurrent_layers"):
         brt_config(block_width=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block-Recurrent Transformer: compressed memories, dynamic position bias, memory dropout, MQA
+
+
+def brt_model(seed=0, **kw):
+    """brt_config with the dynamic position bias drawn large enough to shape attention."""
+    m = build(brt_config(**kw), seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if ".pos_bias." in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+    return m
+
+
+def naive_block_attention(model, layer, x):
+    """A block_attn layer written per query: its keys are its own block up to itself, the whole previous
+    block and, with compression, the mean key/value of each group of c tokens among the compress_slots*c
+    tokens before the previous block; the dynamic bias is the MLP at log(1 + query - key position)."""
+    cfg, (B, T, _) = model.config, x.shape
+    w, c, nh, hs = cfg.block_width, cfg.compress_factor, cfg.n_head, cfg.hs
+    heads = lambda t: t.view(B, T, -1, hs).transpose(1, 2)               # noqa: E731
+    g = nh // cfg.kv_heads                                                 # query heads per K/V head
+    q = heads(layer.q_proj(x))                                             # (B, nh, T, hs)
+    k, v = (heads(p(x)).repeat_interleave(g, 1) for p in (layer.k_proj, layer.v_proj))
+    if cfg.position == "rope":
+        cos, sin = model.rope["block_attn"](torch.arange(T))
+        rot = lambda t: t * cos + torch.cat((-t[..., hs // 2:], t[..., :hs // 2]), -1) * sin  # noqa: E731
+        q, k = rot(q), rot(k)
+    out = torch.zeros(B, nh, T, hs)
+    for t in range(T):
+        prev = (t // w - 1) * w                                            # the previous block's start
+        at = list(range(max(prev, 0), t + 1))
+        keys, vals = [k[:, :, j] for j in at], [v[:, :, j] for j in at]
+        for s in range(max(prev - cfg.compress_slots * c, 0), prev, c or 1) if c else ():
+            keys.append(k[:, :, s:s + c].mean(2))
+            vals.append(v[:, :, s:s + c].mean(2))
+            at.append(s + (c - 1) / 2)
+        K, Vv = torch.stack(keys, 2), torch.stack(vals, 2)                 # (B, nh, n, hs)
+        s = (q[:, :, t, None] @ K.transpose(-1, -2))[:, :, 0] * hs ** -0.5     # (B, nh, n)
+        if cfg.position == "dynamic_bias":
+            dist = torch.log1p(t - torch.tensor(at, dtype=torch.float32))[:, None]
+            s = s + layer.pos_bias.mlp(dist).T
+        out[:, :, t] = (s.softmax(-1)[..., None] * Vv).sum(2)
+    return layer.o_proj(out.transpose(1, 2).reshape(B, T, nh * hs))
+
+
+@pytest.mark.parametrize("position, compress, n_kv_head", [("dynamic_bias", 2, 1), ("rope", 4, 1),
+                                                           ("dynamic_bias", 0, 2), ("dynamic_bias", 4, None)])
+def test_block_attention_matches_naive_reference(position, compress, n_kv_head):
+    m = brt_model(position=position, compress_factor=compress, compress_slots=3, n_kv_head=n_kv_head)
+    layer = m.blocks[0].mixer
+    assert layer.k_proj.out_features == m.config.kv_heads * m.config.hs                 # MQA: one K/V head
+    x = torch.randn(2, 23, m.config.d_model, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ctx = m.contexts(torch.arange(23), None)["block_attn"]
+        assert close(layer(x, ctx), naive_block_attention(m, layer, x), 1e-5)
+
+
+@pytest.mark.parametrize("position, compress, gate, n_kv_head", [("dynamic_bias", 2, "fixed", 1),
+                                                                 ("rope", 4, "lstm", 1),
+                                                                 ("dynamic_bias", 4, "lstm", 2)])
+def test_brt_segments_equal_one_call_compressed(position, compress, gate, n_kv_head):
+    m = brt_model(position=position, compress_factor=compress, compress_slots=2, state_gate=gate,
+                  n_kv_head=n_kv_head, recurrent_layers=(0, 2))
+    x = ids_of(2, CUTS[-1])
+    with torch.no_grad():
+        full = m(x).logits
+        seg, _ = segmented_logits(m, x, CUTS)
+        one_by_one, _ = segmented_logits(m, x, list(range(CUTS[-1] + 1)))
+        assert close(seg, full, 1e-5) and close(one_by_one, full, 1e-5)
+        plain = brt_model(position=position, state_gate=gate, n_kv_head=n_kv_head, recurrent_layers=(0, 2))
+        plain.load_state_dict(m.state_dict())                                   # compression has no weights
+        assert close(plain(x).logits[:, :8], full[:, :8], 1e-6)              # blocks 0-1 have nothing compressed
+        assert not close(plain(x).logits[:, 8:], full[:, 8:], 1e-3)         # later ones read compressed slots
+
+
+def test_brt_compressed_memory_stays_bounded_and_reaches_back():
+    """width 4, c 2, 3 slots: a query reads its block, the previous one and 6 tokens before that, no further."""
+    m = brt_model(n_layer=1, recurrent_layers=(), compress_factor=2, compress_slots=3, position="dynamic_bias")
+    x = ids_of(1, 30)
+    with torch.no_grad():
+        _, cache = segmented_logits(m, x, list(range(31)))
+    # after position 29 (block 7): XL keys 24..29; slots of the 6 tokens before, (18, 19), (20, 21), (22, 23)
+    assert cache[0].pos.tolist() == list(range(24, 30)) and cache[0].cpos.tolist() == [18, 20, 22]
+    assert cache[0].ck.shape[2] == cache[0].cv.shape[2] == 3
+    seen = [j for j in range(29) if dependence(m, x, j) > 1e-5]
+    assert seen == list(range(18, 29)), seen    # 29 is in block 7: block 6 (24..27) + slots back to 18
+
+
+def test_brt_memory_and_state_dropout_act_only_in_training():
+    torch.manual_seed(0)
+    kw = dict(position="dynamic_bias", compress_factor=2, recurrent_layers=())
+    m = brt_model(memory_dropout=1 - 1e-7, **kw)                            # hides every block's memory
+    x = ids_of(2, 16)
+    with torch.no_grad():
+        ref = brt_model(**kw)
+        ref.load_state_dict(m.state_dict())
+        assert close(m(x).logits, ref(x).logits, 0.0)                       # eval: no dropout at all
+        m.train()
+        blockwise = torch.cat([ref(x[:, a:a + 4], input_pos=torch.arange(a, a + 4)).logits for a in range(0, 16, 4)], 1)
+        assert close(m(x).logits, blockwise, 1e-5)                          # training: each block alone
+        assert not close(blockwise, ref(x).logits, 1e-3)
+    s = brt_model(state_dropout=0.5, position="dynamic_bias")
+    with torch.no_grad():
+        s_ref = brt_model(position="dynamic_bias")
+        s_ref.load_state_dict(s.state_dict())
+        assert close(s(x).logits, s_ref(x).logits, 0.0)
+        s.train()
+        a, b = s(x).logits, s(x).logits
+        assert close(a[:, :4], s_ref(x).logits[:, :4], 1e-6)                 # block 0 reads the initial states
+        assert not close(a[:, 4:], b[:, 4:], 1e-3)                           # later blocks: the dropped update
+
+
+def test_brt_gradients_reach_position_bias_and_compressed_tokens():
+    m = brt_model(n_layer=1, recurrent_layers=(), compress_factor=2, compress_slots=3, position="dynamic_bias")
+    m.train()
+    emb = m.wte(ids_of(1, 24)).detach().requires_grad_()                   # (1, 24, C)
+    h = emb
+    ctx = m.contexts(torch.arange(24), None)["block_attn"]
+    h = m.blocks[0](h, ctx)
+    h[:, -1].pow(2).sum().backward()                                       # the last token of block 5
+    reach = emb.grad[0].abs().amax(-1)
+    assert (reach[10:16] > 0).all() and (reach[:10] == 0).all()             # slots (10..15), then nothing
+    for name, p in m.blocks[0].mixer.pos_bias.named_parameters():
+        assert p.grad is not None and p.grad.abs().max() > 0, name
+
+
+def test_brt_generate_equals_greedy_full_forwards_compressed():
+    m = brt_model(state_gate="lstm", position="dynamic_bias", compress_factor=2, compress_slots=2)
+    prompt = ids_of(2, 5)
+    with torch.no_grad():                                              # positions 5..17: slots from 8 on
+        assert torch.equal(m.generate(prompt, 13, temperature=0), greedy_full_forwards(m, prompt, 13))
+
+
+def test_brt_new_options_are_wired_and_validated():
+    gates = build(brt_config(state_forget_bias=3.0)).blocks[1].mixer
+    assert (gates.gate_1.f_bias == 3.0).all() and (gates.gate_2.f_bias == 3.0).all()
+    with pytest.raises(ValueError, match="compress_factor"):
+        brt_config(compress_factor=3)                                       # does not divide block_width 4
+    with pytest.raises(ValueError, match="compress_slots"):
+        brt_config(compress_factor=2, compress_slots=0)
+    with pytest.raises(ValueError, match="dynamic_bias"):
+        Config(position="dynamic_bias")
+    with pytest.raises(ValueError, match="memory_dropout"):
+        brt_config(memory_dropout=1.0)

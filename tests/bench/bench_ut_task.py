@@ -1,16 +1,27 @@
-"""Universal Transformer vs a vanilla Transformer of (about) the same size on multi-digit addition.
+"""Universal Transformer vs vanilla Transformers of (about) the same size on algorithmic tasks.
 
-    python tests/bench/bench_ut_task.py [--steps 1500] [--digits 5] [--act]
+    python tests/bench/bench_ut_task.py [--task ptr|add|chase] [--hops 2] [--steps 1500] [--act] [--seed 0]
 
-The task is generated here: "a+b=" with a, b of --digits digits (most significant first) and the sum
-written least significant digit first, padded to digits+1 digits. Only the sum's digits are scored.
-Each output digit needs a_i, b_i and the carry, which depends on every lower digit: a computation that
-takes depth. Models, all pre-norm RMSNorm with learned positions, trained the same number of steps:
+The tasks are generated here. The default, ptr (pointer following): --symbols random digits t_0..t_{n-1},
+each naming a position, then "=" and --queries questions "s a" with a = t[t[s]] (--hops reads). One read
+is one attention from a digit to the position it names, and the second read needs the result of the
+first, so an answer takes --hops layers; the operation is the same at every hop, which is what a shared
+block applied step after step fits. Chance is about 1/symbols per answer.
+Also here: add ("a+b=" with --digits digits, most significant first, the sum least significant first;
+only the sum is scored) and chase (a permutation listed as pairs, then f(x), f(f(x)), ... one per token).
+Models, all pre-norm RMSNorm with learned positions, trained the same number of steps:
   UT            one shared block applied --ut-steps times, learned depth embedding (optionally ACT)
   vanilla-wide  the same width, one layer (as many block parameters as the UT)
   vanilla-deep  --ut-steps layers, narrower (4 heads) so that the parameter count about matches
-Accuracy is exact match of the whole sum on held-out problems, from teacher-forced argmaxes (all correct
-is the same as greedy decoding producing the right sum).
+Accuracy is exact match of all of a sequence's answers on held-out problems, from teacher-forced argmaxes
+(all correct is the same as greedy decoding producing them).
+
+Measured (1500 steps x batch 64, lr 1e-3, 2 CPU cores shared): ptr with 2 hops, seeds 0/1/2: UT 1.000 /
+1.000 / 1.000, vanilla-wide 0.076 / 0.073 / 0.072, vanilla-deep 0.093 / 0.075 / 0.095 (lr 3e-3: UT 1.000,
+the vanillas 0.079 and 0.116). With --act the UT reached only 0.223 in the same steps: its halting unit
+starts at p = 0.5, so every position halts after 2 steps until it learns to ponder longer. Addition and
+chase were learned by none of the three in 1500 steps (sequence accuracy <= 0.03; addition at lr 3e-3
+and 1e-3, chase at 1e-3).
 """
 import argparse
 import math
@@ -62,6 +73,21 @@ def make_chase(n, symbols, hops, g):
     return inp, y
 
 
+def make_ptr(n, size, hops, queries, g):
+    """n pointer-following problems: `size` random digits t_0..t_{size-1}, each naming a position, then
+    "=" and `queries` questions "s answer" with answer = t[t[...t[s]]] (`hops` reads). Each read is one
+    attention from a digit to the position it names, so one answer needs `hops` layers (or UT steps)."""
+    t = torch.randint(0, size, (n, size), generator=g)
+    s = torch.randint(0, size, (n, queries), generator=g)
+    a = s
+    for _ in range(hops):
+        a = t.gather(1, a)
+    seq = torch.cat((t, torch.full((n, 1), EQ), torch.stack((s, a), 2).flatten(1)), 1)
+    inp, tgt = seq[:, :-1], torch.full_like(seq[:, 1:], -1)
+    tgt[:, size + 1::2] = a                                             # predict each answer from its question
+    return inp, tgt
+
+
 def config(d_model, n_layer, n_head, layer_groups=None, depth_embedding="none", act=False, block_size=32,
            position="learned"):
     return Config(vocab_size=VOCAB, block_size=block_size, n_layer=n_layer, n_head=n_head, d_model=d_model,
@@ -106,13 +132,14 @@ def train_and_eval(name, cfg, args, test):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", default="add", choices=["add", "chase"])
-    ap.add_argument("--symbols", type=int, default=8, help="chase: size of the permutation (at most 10)")
-    ap.add_argument("--hops", type=int, default=3, help="chase: answer tokens")
+    ap.add_argument("--task", default="ptr", choices=["ptr", "add", "chase"])
+    ap.add_argument("--symbols", type=int, default=8, help="ptr: positions; chase: permutation size (at most 10)")
+    ap.add_argument("--hops", type=int, default=2, help="ptr: reads per answer; chase: answer tokens")
+    ap.add_argument("--queries", type=int, default=4, help="ptr: questions per sequence")
     ap.add_argument("--digits", type=int, default=5)
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--ut-steps", type=int, default=6)
     ap.add_argument("--order", default="msb", choices=["msb", "lsb"], help="digit order of the two operands")
@@ -129,9 +156,12 @@ def main():
     if args.task == "add":
         args.make = lambda n, g: make_batch(n, args.digits, g, args.order, args.sum_order)
         what = f"{args.digits}-digit addition"
-    else:
+    elif args.task == "chase":
         args.make = lambda n, g: make_chase(n, args.symbols, args.hops, g)
         what = f"pointer chasing ({args.symbols} symbols, {args.hops} hops)"
+    else:
+        args.make = lambda n, g: make_ptr(n, args.symbols, args.hops, args.queries, g)
+        what = f"{args.hops}-hop pointer following ({args.symbols} positions, {args.queries} questions per sequence)"
     test = args.make(args.test, torch.Generator().manual_seed(12345))
     d, T = args.d_model, args.ut_steps
     pe = dict(position=args.position)
@@ -146,8 +176,8 @@ def main():
     print(f"task: {what}, {args.steps} steps x batch {args.batch}, "
           f"{args.test} held-out problems", flush=True)
     rows = [train_and_eval(*models[k], args, test) for k in only]
-    print(f"\n| model | params | held-out sequence acc | digit acc | test loss | train time |")
-    print(f"|---|---:|---:|---:|---:|---:|")
+    print("\n| model | params | held-out sequence acc | digit acc | test loss | train time |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['name']} | {r['params']:,} | {r['seq_acc']:.3f} | {r['digit_acc']:.3f} | "
               f"{r['loss']:.3f} | {r['train_s']:.0f} s |")
