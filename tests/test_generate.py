@@ -1,6 +1,7 @@
 """generate.py end to end through generate.main([...]): checkpoints written with save_checkpoint and a
-data/prepare.py tokenizer (char, byte), HF-format directories (tiny random Llama / GPT-2 with a byte-level
-BPE tokenizer.json trained here with the `tokenizers` library), and every user error as one stderr line.
+data/prepare.py tokenizer (char, byte), with objectives' special tokens (span: --source, mlm: --fill_mask),
+HF-format directories (tiny random Llama / GPT-2 / BART with a byte-level BPE tokenizer.json, BERT with a
+WordPiece one, each trained here with the `tokenizers` library), and every user error as one stderr line.
 """
 import json
 import re
@@ -10,6 +11,8 @@ import pytest
 import torch
 
 import generate
+from data.objectives import ARCHITECTURE, OBJECTIVES, config_overrides, decode, encode, fill_mask_ids, fill_masks, \
+    special_ids
 from data.prepare import make_tokenizer
 from model import Config, Transformer, save_checkpoint
 
@@ -128,11 +131,114 @@ def test_default_length_fits_a_learned_position_table(ckpts, capsys):
 
 
 def test_encoder_decoder_checkpoint(ckpts, capsys):
-    """The output is the target, not a continuation: the source is not echoed."""
+    """The output is the target, not a continuation: the source is not echoed. A checkpoint without an
+    objective (lm) has no special tokens: the source is its text's ids alone."""
     path, model, tok = ckpts["encdec"]
-    rc, out, _ = cli(capsys, "--checkpoint", path, "--prompt", "dog", "--max_new_tokens", 9, "--temperature", 0)
+    rc, out, _ = cli(capsys, "--checkpoint", path, "--source", "dog", "--max_new_tokens", 9, "--temperature", 0)
     target = model.generate(torch.tensor([list(b"dog")]), 9, temperature=0)[0, 1:].tolist()
     assert rc == 0 and out == tok.decode(target) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints trained with data/objectives.py: special tokens by name, [EOS] ends a target
+
+
+def objective_checkpoint(path, objective, steps, lr=1e-2, **kw):
+    """A tiny model of the objective's architecture, its vocabulary sized by config_overrides, trained a few
+    steps on TEXT with the objective's own batches and saved with the keys train.py writes."""
+    torch.manual_seed(0)
+    tok = make_tokenizer("char", TEXT)
+    cfg = Config(**{**SMALL, "architecture": ARCHITECTURE[objective], **config_overrides(objective, tok.vocab_size),
+                    **kw})
+    model, gen = Transformer(cfg), torch.Generator().manual_seed(0)
+    data, opt = torch.tensor(tok.encode(TEXT * 4)), torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = model(**OBJECTIVES[objective](data, 8, gen, cfg, tok.vocab_size, "none")).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_checkpoint(path, model.eval(), tokenizer=tok.meta, objective=objective, pair_task="none")
+    return path, model, tok
+
+
+@pytest.fixture(scope="module")
+def objective_ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("objective")
+    return {"span": objective_checkpoint(d / "span.pt", "span", steps=60, position="rope"),
+            "mlm": objective_checkpoint(d / "mlm.pt", "mlm", steps=300, lr=1e-3, position="rope")}
+
+
+SOURCE = "the quick brown<extra_id_0> jumps over<extra_id_1>dog.\nhello"
+
+
+def test_span_source_streams_the_target_up_to_eos(objective_ckpts, capsys):
+    """The source is encoded as span_batch frames it (text, sentinels by name, [EOS]); the target streams as
+    objectives.decode writes it, sentinels by name, and stops at [EOS]."""
+    path, model, tok = objective_ckpts["span"]
+    sp = special_ids(tok.vocab_size)
+    rc, out, err = cli(capsys, "--checkpoint", path, "--source", SOURCE, "--max_new_tokens", 40, "--temperature", 0)
+    src = encode(tok, SOURCE, tok.vocab_size) + [sp["[EOS]"]]
+    assert sp["<extra_id_1>"] in src
+    target = model.generate(torch.tensor([src]), 40, temperature=0, stop_tokens=(sp["[EOS]"],))[0, 1:].tolist()
+    n = target.index(sp["[EOS]"])                            # the trained model ends its target
+    assert rc == 0 and out == decode(tok, target[:n], tok.vocab_size) + "\n"
+    assert out.startswith("<extra_id_0>") and len(out) > 6 and err.startswith(f"{n + 1} tokens in ")
+
+
+def test_span_source_samples_and_reads_files(objective_ckpts, capsys, tmp_path):
+    """The sampling flags reach the decoder: the text is that of model.generate with the same seed."""
+    path, model, tok = objective_ckpts["span"]
+    (tmp_path / "src.txt").write_text(SOURCE)
+    rc, out, _ = cli(capsys, "--checkpoint", path, "--source_file", tmp_path / "src.txt", "--max_new_tokens", 30,
+                     "--temperature", 1.5, "--top_k", 20, "--seed", 5)
+    eos = special_ids(tok.vocab_size)["[EOS]"]
+    gen = torch.Generator().manual_seed(5)
+    src = torch.tensor([encode(tok, SOURCE, tok.vocab_size) + [eos]])
+    target = model.generate(src, 30, temperature=1.5, top_k=20, stop_tokens=(eos,), generator=gen)[0, 1:].tolist()
+    assert rc == 0 and out == decode(tok, [t for t in target if t != eos], tok.vocab_size) + "\n"
+    assert out != cli(capsys, "--checkpoint", path, "--source", SOURCE, "--max_new_tokens", 30, "--temperature", 0)[1]
+
+
+def expected_fill(probs, ids, mask_id, k, show):
+    """The lines --fill_mask prints, from the probabilities (T, V) over the ids allowed in a mask."""
+    where = [i for i, t in enumerate(ids) if t == mask_id]
+    top = probs[where].topk(k)
+    lines = [f"[MASK] {m}: " + ", ".join(f"{show(t)} {q:.4f}" for t, q in zip(i, p))
+             for m, (p, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1)]
+    filled = list(ids)
+    for i, t in zip(where, top.indices[:, 0].tolist()):
+        filled[i] = t
+    return lines, filled
+
+
+def test_mlm_fill_mask_equals_model_logits(objective_ckpts, capsys):
+    """[CLS] text [SEP] as mlm_batch frames a row; each mask's top-k text tokens (never a special one) with
+    probabilities from the model's logits; the argmax-filled text equals objectives.fill_masks."""
+    path, model, tok = objective_ckpts["mlm"]
+    base, text = tok.vocab_size, "the quick [MASK]rown fox jumps [MASK]ver the lazy dog."
+    rc, out, err = cli(capsys, "--checkpoint", path, "--fill_mask", text, "--top_k", 3)
+    ids = fill_mask_ids(tok, text, base)
+    with torch.no_grad():
+        probs = model(torch.tensor([ids])).logits[0].softmax(-1)[:, :base]       # (T, base)
+    lines, filled = expected_fill(probs, ids, special_ids(base)["[MASK]"], 3, lambda i: repr(tok.decode([i])))
+    assert torch.equal(torch.tensor([filled]), fill_masks(model, torch.tensor([ids]), base))
+    assert rc == 0 and err == "" and out == "\n".join(lines) + "\n" + decode(tok, filled[1:-1], base) + "\n"
+    assert probs[ids.index(special_ids(base)["[MASK]"])].max() > 5 / base, "flat probabilities make a weak check"
+    rc, out_ids, _ = cli(capsys, "--checkpoint", path, "--ids", ",".join(map(str, ids)), "--top_k", 3)
+    assert rc == 0 and out_ids == out                   # the same ids given directly
+
+
+@pytest.mark.parametrize("ckpt, extra, message", [
+    ("mlm", ["--fill_mask", "no mask here"], "has no [MASK]; write [MASK] where"),
+    ("mlm", ["--fill_mask", "the [MASK]", "--top_k", "0"], "--fill_mask shows at least one candidate"),
+    ("mlm", ["--ids", "1,2,3"], "the input has no [MASK]"),
+    ("mlm", ["--source", "x"], "--source is for encoder_decoder models, but"),
+    ("span", ["--prompt", "x"], "is encoder_decoder: give its input with --source TEXT"),
+    ("span", ["--source", "the Dog"], "character 'D' (U+0044) is not in this char vocabulary"),
+])
+def test_objective_errors(objective_ckpts, capsys, ckpt, extra, message):
+    rc, out, err = cli(capsys, "--checkpoint", objective_ckpts[ckpt][0], *extra)
+    assert rc == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,7 +270,16 @@ def write_bad(tmp_path, ckpts, kind):
     ("char", ["--device", "cuda"], "--device cuda was asked for, but this torch"),
     ("char", ["--prompt_file", "/no/such/file"], "cannot read --prompt_file"),
     ("char", ["--bogus"], "unrecognized arguments: --bogus"),
-    ("enc", [], "holds an encoder_only model, which does not generate"),
+    ("enc", [], "enc.pt is encoder_only: give its input with --fill_mask"),
+    ("enc", ["--fill_mask", "a [MASK]"], "has no [MASK] token to fill"),
+    ("enc", ["--prompt", "a"], "--prompt is for decoder_only models, but"),
+    ("encdec", [], "encdec.pt is encoder_decoder: give its input with --source TEXT"),
+    ("encdec", ["--prompt", "dog"], "is encoder_decoder: give its input with --source TEXT (or --source_file)"),
+    ("encdec", ["--fill_mask", "a [MASK]"], "--fill_mask is for encoder_only models, but"),
+    ("char", ["--source", "the dog"], "--source is for encoder_decoder models, but"),
+    ("char", ["--fill_mask", "the [MASK]"], "--fill_mask is for encoder_only models, but"),
+    ("char", ["--ids", ""], "--ids is empty"),
+    ("char", ["--source_file", "/no/such/file", "--prompt", "x"], "not allowed with argument"),
     ("missing", [], "does not exist"),
     ("truncated", [], "is truncated or corrupt"),
     ("corrupt", [], "is truncated or corrupt"),
@@ -249,9 +364,9 @@ def test_byte_level_bpe_matches_hf_tokenizer(hf_dirs, name):
     for text in VARIED:
         ids = hf_tok.encode(text).ids
         assert ours.encode(text) == ids, text
-        assert ours.decode(ids) == hf_tok.decode(ids, skip_special_tokens=False)
+        assert ours.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True)   # as HF's pipelines print
     plain = VARIED[2]
-    assert ours.decode(ours.encode(plain)).removeprefix("<|begin|>") == plain      # round trip
+    assert ours.decode(ours.encode(plain)) == plain                                 # round trip
     assert len(ours.encode(plain)) < len(plain.encode()) - 5                          # merges were applied
 
 
@@ -280,3 +395,163 @@ def test_hf_directory_without_tokenizer_asks_for_ids(hf_dirs, capsys, tmp_path):
     stop = json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"]
     new = [t for t in greedy(ours, [5, 6, 7], 4) if t != stop]
     assert rc == 0 and out == "5,6,7" + "".join(f",{t}" for t in new) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# HF encoder-decoders: --source through BART's tokenizer.json; SentencePiece ones ask for --ids
+
+
+def bart_tokenizer(d):
+    """BART's tokenizer.json as HF writes it (RobertaProcessing: <s> text </s>; <mask> takes the space before
+    it along), over a BPE trained here whose ids are shuffled, as fairseq's frequency order leaves BART's:
+    the ids do not follow the merges, so ranking by id would merge in the wrong order."""
+    tj = json.loads(train_tokenizer("gpt2").to_str())
+    rest = [t for t in tj["model"]["vocab"] if t not in ("<|endoftext|>", "<|begin|>")]
+    rest = [rest[i] for i in torch.randperm(len(rest), generator=torch.Generator().manual_seed(0))]
+    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", *rest, "<mask>"])}
+    tok = transformers.BartTokenizer(vocab=vocab, merges=[tuple(m) for m in tj["model"]["merges"]],
+                                     mask_token=tokenizers.AddedToken("<mask>", lstrip=True, special=True))
+    tok.save_pretrained(d)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def bart_dir(tmp_path_factory):
+    """-> (directory, HF model, HF tokenizer): a tiny random BART, weights large enough for varied output."""
+    d = tmp_path_factory.mktemp("bart")
+    tok = bart_tokenizer(d)
+    torch.manual_seed(0)
+    cfg = transformers.BartConfig(vocab_size=len(tok), d_model=32, encoder_layers=2, decoder_layers=2,
+                                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                  decoder_ffn_dim=64, max_position_embeddings=64, init_std=0.3)
+    model = transformers.BartForConditionalGeneration(cfg).eval()
+    model.save_pretrained(d)
+    return d, model, tok
+
+
+def test_bart_tokenizer_matches_hf(bart_dir):
+    d, _, hf_tok = bart_dir
+    ours = generate.hf_tokenizer(d)
+    texts = VARIED + corpus() + ["UN Chief Says There Is No <mask> in Syria", "a  <mask>b<mask>", "<s>x</s> y"]
+    for text in texts:
+        ids = hf_tok(text).input_ids
+        assert ours.encode(text) == ids, text
+        assert ours.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True)
+    assert ours.encode("a <mask>")[-2] == hf_tok.mask_token_id and ours.encode("x")[::2] == [0, 2]   # <s> x </s>
+
+
+def test_bart_source_greedy_equals_hf_generate(bart_dir, capsys):
+    """The target streamed for --source equals the HF tokenizer's decoding of HF's own greedy generate
+    (no forced BOS/EOS: generate.py stops at eos_token_id only)."""
+    d, model, hf_tok = bart_dir
+    source = "the quick café 123, über fox"
+    rc, out, err = cli(capsys, "--hf", d, "--source", source, "--max_new_tokens", 15, "--temperature", 0,
+                       "--repetition_penalty", 1.3)
+    x = torch.tensor([hf_tok(source).input_ids])
+    with torch.no_grad():
+        ref = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=15, do_sample=False,
+                             repetition_penalty=1.3, forced_bos_token_id=None, forced_eos_token_id=None)
+    assert len(set(ref[0].tolist())) > 8, "a target repeating one token is a weak check"
+    assert rc == 0 and SPEED.match(err.strip())
+    assert out == hf_tok.decode(ref[0, 1:].tolist(), skip_special_tokens=True) + "\n"
+
+
+def test_sentencepiece_encoder_decoder_asks_for_source_ids(bart_dir, capsys, tmp_path):
+    """A Unigram tokenizer.json (T5's kind) is not run: the error asks for the source as ids, which then work."""
+    d, _, _ = bart_dir
+    for f in ("config.json", "model.safetensors", "generation_config.json"):
+        (tmp_path / f).write_bytes((d / f).read_bytes())
+    unigram = tokenizers.Tokenizer(tokenizers.models.Unigram([("<unk>", 0.0), ("a", -1.0)], 0))
+    unigram.save(str(tmp_path / "tokenizer.json"))
+    rc, out, err = cli(capsys, "--hf", tmp_path, "--source", "hello")
+    assert rc == 2 and out == "" and err.count("\n") == 1
+    assert "is a Unigram tokenizer" in err and "give the source as token ids with --ids 1,2,3, ending in the EOS" in err
+    rc, out, _ = cli(capsys, "--hf", tmp_path, "--ids", "0,7,8,9,2", "--max_new_tokens", 6, "--temperature", 0)
+    ours = Transformer.from_pretrained(tmp_path)
+    target = ours.generate(torch.tensor([[0, 7, 8, 9, 2]]), 6, temperature=0, stop_tokens=(2,))[0, 1:].tolist()
+    assert rc == 0 and out == ",".join(str(t) for t in target if t != 2) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# HF encoders: --fill_mask through BERT's WordPiece tokenizer.json
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDPIECE_TEXTS = VARIED + [
+    "The [MASK] sat on the mat.", "x[MASK]y [MASK][MASK] [mask]", "ΟΔΟΣ Straße ÀÉÎÕÜ naïve İstanbul",
+    "a\x0bb\x85c\x00d\ufffde\u200bf\x7fg", "supercalifragilisticexpialidociousfox x",
+    "中文字符 and 日本語 東京",
+    "don't do not I'm you're they've it's", "€100 $5 ^_^ ~tilde~ «quotes» ¿qué? 1,000.5"]
+
+
+def train_wordpiece():
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+    tok = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=30))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(corpus() + [TEXT], trainers.WordPieceTrainer(vocab_size=400, special_tokens=SPECIALS,
+                                                                         show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return tok
+
+
+@pytest.mark.parametrize("normalizer", [{}, dict(lowercase=False), dict(strip_accents=True),
+                                        dict(strip_accents=False), dict(handle_chinese_chars=False),
+                                        dict(clean_text=False)])
+def test_wordpiece_matches_hf_tokenizer(normalizer):
+    """Ids and decoded text equal the `tokenizers` library's on accents, punctuation, CJK, control characters,
+    unknown characters and over-long words, under each BertNormalizer setting."""
+    tj = json.loads(train_wordpiece().to_str())
+    tj["normalizer"].update(normalizer)
+    ref, ours = tokenizers.Tokenizer.from_str(json.dumps(tj)), generate.WordPiece(tj)
+    seen = []
+    for text in WORDPIECE_TEXTS:
+        ids = ref.encode(text).ids
+        assert ours.encode(text) == ids, text
+        assert ours.decode(ids) == ref.decode(ids), text
+        seen += ids
+    pieces = [ours.piece(i) for i in seen]
+    assert "[UNK]" in pieces and "[MASK]" in pieces and sum(p.startswith("##") for p in pieces) > 10
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    """-> (directory, HF BertForMaskedLM read from it, HF tokenizer). The file is a BertForPreTraining one
+    (MLM + NSP heads, as bert-base-uncased's); weights large enough for peaked probabilities."""
+    d = tmp_path_factory.mktemp("bert")
+    tok = train_wordpiece()
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                  initializer_range=0.3)
+    transformers.BertForPreTraining(cfg).save_pretrained(d)
+    tok.save(str(d / "tokenizer.json"))
+    transformers.logging.set_verbosity_error()
+    return d, transformers.BertForMaskedLM.from_pretrained(d).eval(), transformers.AutoTokenizer.from_pretrained(d)
+
+
+def test_bert_fill_mask_equals_hf(bert_dir, capsys):
+    """Ids as HF's tokenizer gives them ([CLS] text [SEP], the literal [MASK] its token); each mask's top 5
+    and the filled text from HF's own masked-LM logits, the text decoded as HF's fill-mask pipeline does."""
+    d, hf, hf_tok = bert_dir
+    text = "The quick [MASK] fox jumps over the [MASK] dog!"
+    rc, out, err = cli(capsys, "--hf", d, "--fill_mask", text)
+    ids = hf_tok(text).input_ids
+    assert generate.hf_tokenizer(d).encode(text) == ids and ids.count(hf_tok.mask_token_id) == 2
+    with torch.no_grad():
+        probs = hf(torch.tensor([ids])).logits[0].softmax(-1)                    # (T, V)
+    lines, filled = expected_fill(probs, ids, hf_tok.mask_token_id, 5, lambda i: repr(hf_tok.convert_ids_to_tokens(i)))
+    assert rc == 0 and err == ""
+    assert out == "\n".join(lines) + "\n" + hf_tok.decode(filled, skip_special_tokens=True) + "\n"
+    assert probs[ids.index(hf_tok.mask_token_id)].max() > 5 / probs.shape[-1], "flat probabilities make a weak check"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--fill_mask", "no mask here"], "the input has no [MASK] (id 4)"),
+    (["--source", "a [MASK]"], "--source is for encoder_decoder models, but"),
+    ([], 'is encoder_only: give its input with --fill_mask "TEXT with [MASK]"'),
+])
+def test_bert_errors(bert_dir, capsys, extra, message):
+    rc, out, err = cli(capsys, "--hf", bert_dir[0], *extra)
+    assert rc == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1 and message in err, err

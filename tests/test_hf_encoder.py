@@ -37,6 +37,9 @@ CASES = {
                dict(ENC, embedding_size=32, num_hidden_layers=4, num_hidden_groups=1, hidden_act="gelu_new")),
     "albert_2_groups": ("AlbertForPreTraining", "AlbertConfig",  # layers 0-1 run group 0, 2-3 group 1
                         dict(ENC, embedding_size=32, num_hidden_layers=4, num_hidden_groups=2, hidden_act="gelu_new")),
+    "bert_mlm_only": ("BertForMaskedLM", "BertConfig", dict(ENC, num_hidden_layers=2, type_vocab_size=2)),
+    "albert_mlm_only": ("AlbertForMaskedLM", "AlbertConfig",  # *ForMaskedLM files: no pooler, no classifier
+                        dict(ENC, embedding_size=32, num_hidden_layers=2, hidden_act="gelu_new")),
     "deberta": ("DebertaV2ForMaskedLM", "DebertaV2Config", DEBERTA),
     "deberta_new_head": ("DebertaV2ForMaskedLM", "DebertaV2Config", dict(DEBERTA, legacy=False)),
     "t5": ("T5ForConditionalGeneration", "T5Config",  # original T5: relu FF, tied head, scaled decoder output
@@ -53,7 +56,7 @@ CASES = {
                dict(SEQ2SEQ, scale_embedding=True, activation_function="swish", pad_token_id=V - 1, eos_token_id=0,
                     decoder_start_token_id=V - 1)),
 }
-ENCODERS = ["bert", "albert", "albert_2_groups", "deberta", "deberta_new_head"]
+ENCODERS = ["bert", "bert_mlm_only", "albert", "albert_2_groups", "albert_mlm_only", "deberta", "deberta_new_head"]
 SEQ2SEQS = ["t5", "t5_v1_1", "bart", "bart_scaled", "marian"]
 
 
@@ -151,7 +154,7 @@ def test_encoder_logits_match_hf(models, name):
         kw["token_type_ids"] = (torch.arange(SRC) >= SRC // 2).long().expand(2, -1)   # two segments
     with torch.no_grad():
         ref, got = hf(x, **kw), ours(x, **kw)
-    ref_logits = ref.logits if name.startswith("deberta") else ref.prediction_logits
+    ref_logits = ref.prediction_logits if "prediction_logits" in ref else ref.logits
     assert ref_logits[mask.bool()].std() > 0.5, "logits this flat would hide bugs"
     assert max_diff(got.logits, ref_logits, mask) <= TOL
     ref_cls = ref.get("seq_relationship_logits", ref.get("sop_logits"))   # NSP (BERT), SOP (ALBERT)
