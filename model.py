@@ -1926,4 +1926,5 @@ if __name__ == "__main__":  # python model.py configs/X.yaml: parameter count an
           f"{model.get_num_params(non_embedding=True) / 1e6:.2f}M without embeddings")
     if "--meta" not in sys.argv:
         ids = torch.randint(0, cfg.vocab_size, (1, min(16, cfg.block_size)))
-        print("logits", tuple(model(ids).logits.shape))
+        kw = {"decoder_input_ids": ids} if cfg.architecture == "encoder_decoder" else {}
+        print("logits", tuple(model(ids, **kw).logits.shape))
