@@ -715,12 +715,15 @@ def delta_rule_chunked(q, k, v, g, beta, S, chunk):
     solve = lambda rhs: torch.linalg.solve_triangular(eye + lower, rhs, upper=False, unitriangular=True)  # noqa: E731
     w_v, w_k = solve(v * beta[..., None]), solve(kb * G[..., None].exp())  # (B, H, n, L, dv), (.., dk)
     qk = q @ k.transpose(-1, -2) * decay                                   # (B, H, n, L, L) causal incl. self
+    q_in = q * G[..., None].exp()                                          # reads S0 decayed to step i
+    last = G[..., -1:]                                                     # (B, H, n, 1) decay over the chunk
+    k_out = (k * (last - G)[..., None].exp()).transpose(-1, -2)            # (B, H, n, dk, L) writes decayed to its end
+    # unbind, not [:, :, c]: backward then stacks n slices once instead of adding n full-size zero tensors
     out = []
-    for c in range(q.shape[2]):
-        u = w_v[:, :, c] - w_k[:, :, c] @ S                                # (B, H, L, dv)
-        out.append((q[:, :, c] * G[:, :, c, :, None].exp()) @ S + qk[:, :, c] @ u)
-        last = G[:, :, c, -1, None, None]                                  # (B, H, 1, 1)
-        S = S * last.exp() + (k[:, :, c] * (last - G[:, :, c, :, None]).exp()).transpose(-1, -2) @ u
+    for w_vc, w_kc, q_c, qk_c, k_c, last_c in zip(*(t.unbind(2) for t in (w_v, w_k, q_in, qk, k_out, last.exp()))):
+        u = w_vc - w_kc @ S                                                # (B, H, L, dv)
+        out.append(q_c @ S + qk_c @ u)
+        S = S * last_c[..., None] + k_c @ u
     return torch.cat(out, dim=2)[:, :, :T], S
 
 

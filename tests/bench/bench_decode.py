@@ -15,9 +15,11 @@ hf       ours vs HF LlamaForCausalLM.generate on the same random weights: hidden
          (prefill included), and the generated tokens must be identical. "weights only" times nothing but
          the model's matrix-vector products for one token (F.linear over every Linear, the head included):
          the floor for a torch fp32 decoder at batch 1, which must read every weight once per token.
+         "ours bf16" is the same model cast to bf16 (generate.py --dtype bf16): half the bytes to read.
 Each timed section runs with torch.set_num_threads(--threads).
 """
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -101,7 +103,9 @@ def bench_hf(args):
         ours = Transformer.from_pretrained(d)
     x = torch.randint(0, 32000, (1, 16), generator=torch.Generator().manual_seed(0))
     n = args.new_tokens
+    ours_bf16 = copy.deepcopy(ours).to(torch.bfloat16)  # half the bytes per token: generate.py --dtype bf16
     runs = {"ours": lambda: ours.generate(x, n, temperature=0),
+            "ours bf16": lambda: ours_bf16.generate(x, n, temperature=0),
             "HF": lambda: hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
                                       do_sample=False, eos_token_id=None, pad_token_id=0)}
     best, out = {k: float("inf") for k in runs}, {}
@@ -116,9 +120,9 @@ def bench_hf(args):
     print(f"\n== greedy generate, Llama hidden 512 x 8 layers, 8/2 heads, intermediate {args.intermediate}, "
           f"vocab 32000, fp32, batch 1, 16 + {n} tokens, {args.threads} threads")
     for name in runs:
-        print(f"{name:>5}: {n / best[name]:7.1f} tokens/s  ({1e3 * best[name] / n:.2f} ms/token)")
+        print(f"{name:>9}: {n / best[name]:7.1f} tokens/s  ({1e3 * best[name] / n:.2f} ms/token)")
     print(f"weights only: {1e3 / floor:7.1f} tokens/s  ({floor:.2f} ms/token)")
-    print(f"ours / HF: {best['HF'] / best['ours']:.2f}x; tokens identical: {same} "
+    print(f"ours / HF: {best['HF'] / best['ours']:.2f}x (bf16: {best['HF'] / best['ours bf16']:.2f}x); fp32 tokens identical: {same} "
           f"({len(set(out['HF'][0, 16:].tolist()))} distinct of {n})")
 
 
