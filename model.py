@@ -1066,6 +1066,8 @@ class Transformer(nn.Module):
         # modules whose aux_loss (set in their forward) joins the output's aux_loss
         self.aux_modules = [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)] + ([self.act] if cfg.act else [])
         self.apply(self._init_weights)
+        if cfg.act:  # halting p starts at 1/n_layer: every position first runs all steps, then learns to stop early
+            nn.init.constant_(self.act.halt.bias, -math.log(max(cfg.n_layer - 1, 1)))
         if cfg.scaled_residual_init:  # GPT-2: residual projections shrink with depth
             for name, p in self.named_parameters():
                 if name.endswith(("o_proj.weight", "down.weight", "ffn.down")):   # ffn.down: stacked MoE experts
