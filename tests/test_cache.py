@@ -47,15 +47,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: extra threads only add synchronisation."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def redraw(model, seed=0):
     """Weights every feature shows in: matrices at unit gain (attention far from uniform), norms and
     biases away from their init. The default init (std 0.02) makes attention nearly uniform, and a

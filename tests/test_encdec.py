@@ -12,15 +12,6 @@ from model import Config, Transformer, from_checkpoint, load_checkpoint, save_ch
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: extra threads only add synchronisation (10x slower on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # name -> (expected parameters, relative tolerance). Exact counts are HF's for the same model
 # (BART: plus its final_logits_bias, a buffer in HF); the seeds' budgets are approximate.
 COUNTS = {

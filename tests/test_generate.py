@@ -24,14 +24,6 @@ SPEED = re.compile(r"^\d+ tokens in [\d.]+ s: [\d.]+ tokens/s$")
 SMALL = dict(block_size=48, n_layer=2, n_head=2, d_model=32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def checkpoint(path, tokenizer, steps=0, **kw):
     """A tiny model saved as train.py saves it: weights, config and the tokenizer's meta. A few
     training steps on TEXT make its greedy text varied (an untrained model repeats one token)."""

@@ -57,15 +57,6 @@ CASES = {
 TIED = {"gpt2", "llama_llama3_tied", "qwen3", "gemma2", "gemma3", "gemma3_linear"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: extra threads only add synchronisation (10x slower on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def redraw(model, zero_centred_norms):
     """Replace HF's init (unit norms, tiny matrices, zero biases) with weights every feature shows in.
     The embedding / output matrix is drawn small and the final norm large (about x4): a large tied

@@ -60,15 +60,6 @@ ENCODERS = ["bert", "bert_mlm_only", "albert", "albert_2_groups", "albert_mlm_on
 SEQ2SEQS = ["t5", "t5_v1_1", "bart", "bart_scaled", "marian"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: extra threads only add synchronisation (10x slower on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def redraw(model):
     """Replace HF's init (unit norms, tiny matrices, zero biases) with weights every feature shows in:
     norm weights away from 1, biases and final_logits_bias non-zero, matrices large enough for peaked

@@ -21,15 +21,6 @@ In the morning the sun rose over the hill and the bird came back to the tree to 
 """ * 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: extra threads only add synchronisation (10x slower on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def encoder(vocab, **kw):
     return Config(architecture="encoder_only", vocab_size=vocab, block_size=64, n_layer=2, n_head=2, d_model=64,
                   type_vocab_size=2, cls_head=True, **kw)

@@ -18,15 +18,6 @@ from model import Config, Transformer, sinusoidal_table
 V = 48
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: extra threads only add synchronisation."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def ut_config(**kw):
     """A small UT as the seed describes it: pre-norm RMSNorm, GQA, RoPE, one shared block."""
     base = dict(vocab_size=V, block_size=32, n_layer=4, n_head=4, n_kv_head=2, d_model=32, norm="rmsnorm",

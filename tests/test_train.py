@@ -29,15 +29,6 @@ TINY = ["--n_layer=1", "--n_head=2", "--d_model=32", "--block_size=16", "--batch
         "--log_interval=1", "--sample_tokens=8", "--warmup_iters=5", "--lr=1e-2", "--min_lr=1e-3"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: extra threads only add synchronisation (10x slower on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
     """~25 KB of words drawn from a small list: a char model learns the spellings within tens of steps."""
@@ -343,7 +334,6 @@ def test_cli_error_is_one_line(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and p.stdout == ""
     assert p.stderr.splitlines() == [p.stderr.strip()] and p.stderr.startswith("error: unknown config key 'bad_key'")
-
 
 
 # ----------------------------------------------------------------------------------------------
