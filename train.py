@@ -219,7 +219,10 @@ def main(argv=None):
     # 1. Config
     tc, model_keys, ckpt = parse_config(sys.argv[1:] if argv is None else argv)
     try:
-        return train(tc, model_keys, ckpt)
+        result = train(tc, model_keys, ckpt)
+        if dist.is_initialized():  # let collectives still in flight (FSDP's prefetches) finish before teardown:
+            dist.barrier()         # gloo aborts the process if the group is destroyed under them
+        return result
     finally:  # every exit, errors included, leaves the process group
         if dist.is_initialized():
             dist.destroy_process_group()
