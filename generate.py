@@ -207,6 +207,11 @@ def input_ids(args, arch, loaded, name, vocab_size):
 def read_input(option, value):
     """The text of --prompt or --source, or of the file --prompt_file/--source_file names."""
     if not option.endswith("_file"):
+        try:  # a command line with bytes that are not UTF-8 arrives with lone surrogates
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"--{option} is not UTF-8 text (a byte at character {e.start}); "
+                             f"pass UTF-8, or the text in a file with --{option}_file") from None
         return value
     try:
         return Path(value).read_bytes().decode("utf-8")
@@ -271,9 +276,15 @@ def sample(model, x, tok, stop, generator, echo, args):
                         else ())
     n = args.max_new_tokens or default_new_tokens(model, x.shape[1])
     t0 = time.perf_counter()
-    model.generate(x, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   min_p=args.min_p, repetition_penalty=args.repetition_penalty, stop_tokens=stop,
-                   generator=generator, callback=streamer)
+    try:
+        model.generate(x, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                       stop_tokens=stop, generator=generator, callback=streamer)
+    except RuntimeError as e:  # the cache for T + n positions is allocated first: too large a n
+        if not (isinstance(e, torch.OutOfMemoryError) or "allocate" in str(e)):
+            raise
+        raise ValueError(f"no memory for the cache of {x.shape[1]} + --max_new_tokens={n} "
+                         f"positions; ask for fewer tokens") from None
     streamer.flush()
     dt = time.perf_counter() - t0
     streamer.write("\n")

@@ -186,6 +186,9 @@ BERT_DROP = regex.compile(r"[\x00\ufffd]|(?![\t\n\r])\p{C}")     # clean_text: r
 BERT_SPACE = regex.compile(r"[\t\n\r\p{White_Space}]")          # clean_text: these become " "
 BERT_CJK = regex.compile(f"({CJK})")                             # an ideograph is a word of its own
 MARKS, NONSPACING_MARKS = regex.compile(r"\p{M}"), regex.compile(r"\p{Mn}")
+GRAPHEMES = regex.compile(r"\X")                   # extended grapheme clusters (Unicode TR29)
+WORDS_RE = re.compile(r"\s*\S+|\s+")              # words, the whitespace before them included
+CACHE_SIZE = 1 << 18   # entries per cache of words already done (Precompiled, models)
 
 
 def lowercase(text):
@@ -222,6 +225,7 @@ def bert_normalizer(node):
 
 
 def sequence(steps):
+    """Components applied one after the other (normalizers, pre-tokenizers, decoders)."""
     def run(x, *args):
         for step in steps:
             x = step(x, *args)
@@ -302,10 +306,6 @@ def charsmap_rules(blob):
                          ) from None
 
 
-GRAPHEMES = regex.compile(r"\X")      # extended grapheme clusters (Unicode TR29)
-NOWHERE = object()   # Unigram: a text that no piece starts with
-CACHE_SIZE = 1 << 18   # entries per cache of words already done (normalizer, model)
-WORDS_RE = re.compile(r"\s*\S+|\s+")   # words with the whitespace before them (re is faster)
 NORMALIZERS = {
     "NFC": lambda n: partial(unicodedata.normalize, "NFC"),
     "NFD": lambda n: partial(unicodedata.normalize, "NFD"),
@@ -466,10 +466,10 @@ class BPE(Model):
         # A merge puts x before "▁" only if some merge (a, b) has a ending in x, b starting with
         # "▁": a word cut before any other "▁" gives chunks (short, repeated: what the cache
         # keeps) that merge apart exactly as the whole word would.
-        odd = any(t == self.unk or regex.fullmatch(r"<0x..>", t) for m in merges for t in m)
-        before = regex.escape("".join({a[-1] for a, b in merges if b[0] == space}))
-        s = regex.escape(space)
-        self.chunks = None if odd or space not in self.vocab else regex.compile(
+        odd = any(t == self.unk or t.startswith("<0x") for m in merges for t in m)  # no chunks
+        before = re.escape("".join(sorted({a[-1] for a, b in merges if b[0] == space})))
+        s = re.escape(space)
+        self.chunks = None if odd or space not in self.vocab else re.compile(   # re: quicker here
             f"{s}?(?:[^{s}]|(?<=[{before}]){s})*" if before else f"{s}?[^{s}]*")
 
     def encode_words(self, words):
@@ -591,6 +591,9 @@ def bytes_to_unicode():
             *range(ord("®"), ord("ÿ") + 1)]
     extra = iter(range(256, 512))  # the other bytes (controls, space, ...) move up past Latin-1
     return {b: chr(b if b in keep else next(extra)) for b in range(256)}
+
+
+NOWHERE = object()   # Unigram: no piece starts with this text
 
 
 class Unigram(Model):

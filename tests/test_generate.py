@@ -291,7 +291,9 @@ def write_bad(tmp_path, ckpts, kind):
     ("char", ["--ids", "1,x"], "must be comma-separated integers"),
     ("char", ["--ids", "1,999"], "999, outside the model's vocabulary"),
     ("char", ["--device", "cuda"], "--device cuda was asked for, but this torch"),
-    ("char", ["--prompt_file", "/no/such/file"], "cannot read --prompt_file"),
+    ("char", ["--prompt_file", "/no/such/file"], "cannot read --prompt_file /no/such/file"),
+    ("char", ["--prompt", "a\udcff"], "--prompt is not UTF-8 text (a byte at character 1)"),
+    ("byte", ["--max_new_tokens", str(10 ** 13)], "no memory for the cache of 1 + "),   # RoPE
     ("char", ["--bogus"], "unrecognized arguments: --bogus"),
     ("enc", [], "enc.pt is encoder_only: give its input with --fill_mask"),
     ("enc", ["--fill_mask", "a [MASK]"], "has no [MASK] token to fill"),
