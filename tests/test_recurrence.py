@@ -13,7 +13,7 @@ reaches exactly its slots back, memory/state dropout act only in training, and g
 import pytest
 import torch
 
-from model import Config, Transformer, sinusoidal_table
+from model import Config, StateGate, Transformer, sinusoidal_table
 
 V = 48
 
@@ -231,6 +231,25 @@ def test_act_disabled_equals_fixed_depth():
         assert abs(out.aux_loss.item() - 0.05 * (5 + 1)) < 1e-6           # N = 5, R = 1 everywhere
 
 
+def test_act_sum_exactly_at_the_threshold_does_not_halt():
+    """The UT's rule halts a position once its summed p *exceeds* the threshold. With the halting unit
+    zeroed, p = 0.5 at every step; with threshold 0.5 step 1 lands exactly on it (no halt) and step 2
+    passes it, halting with the remainder R = 1 - 0.5. Hand-computed: every position mixes its first two
+    states 0.5 / 0.5 and the ponder cost is act_weight * (N + R) = 0.1 * (2 + 0.5). Halting at >= would
+    stop at step 1 with weight 1 and cost 0.1 * (1 + 1)."""
+    m = build(ut_config(n_layer=4, act=True, act_threshold=0.5, act_weight=0.1))
+    states = []
+    m.blocks[0].register_forward_hook(lambda mod, inp, out: states.append(out))
+    with torch.no_grad():
+        m.act.halt.weight.zero_()
+        m.act.halt.bias.zero_()
+        out = m(ids_of(2, 9))
+        want = m.lm_head(m.norm_f(0.5 * states[0] + 0.5 * states[1]))
+    assert len(states) == 4 and not close(states[0], states[1], 1e-2)
+    assert close(out.logits, want, 1e-6)
+    assert out.aux_loss.item() == pytest.approx(0.1 * 2.5, abs=1e-7)
+
+
 def cached_logits(model, ids, prefill):
     """Prefill `prefill` tokens, then one token at a time; the logits of every position."""
     B, T = ids.shape
@@ -337,6 +356,28 @@ def test_brt_gradients_reach_gates_and_states(gate):
     params = dict(layer.named_parameters())
     for n in names:
         assert params[n].grad is not None and params[n].grad.abs().max() > 0, n
+
+
+@pytest.mark.parametrize("gate", ["fixed", "lstm"])
+def test_state_gate_is_the_papers_formula(gate):
+    """Hutchins et al. 2022's gates written out, with distinct input and forget biases (swapping them,
+    or the two gates, changes the result). fixed: c' = sigmoid(b_f) c + sigmoid(b_i) z, z = W_z h + b_z;
+    lstm: c' = sigmoid(W_f h + b_f) c + sigmoid(W_i h + b_i) tanh(W_z h + b_z)."""
+    cfg = brt_config(state_gate=gate)
+    C = cfg.d_model
+    torch.manual_seed(0)
+    g = StateGate(cfg)
+    c, h = torch.randn(2, 5, C), torch.randn(2, 5, C)
+    lin = lambda layer: h @ layer.weight.T + layer.bias  # noqa: E731
+    with torch.no_grad():
+        g.i_bias.copy_(torch.linspace(-2.0, -0.5, C))
+        g.f_bias.copy_(torch.linspace(0.5, 3.0, C))
+        if gate == "fixed":
+            want = torch.sigmoid(g.f_bias) * c + torch.sigmoid(g.i_bias) * lin(g.z)
+        else:
+            want = (torch.sigmoid(lin(g.f) + g.f_bias) * c
+                    + torch.sigmoid(lin(g.i) + g.i_bias) * torch.tanh(lin(g.z)))
+        assert close(g(c, h), want, 1e-6)
 
 
 def test_brt_truncated_backprop_between_segments():
