@@ -329,7 +329,7 @@ DEBERTA_KEYS = {
     "deberta.embeddings.word_embeddings.weight": "wte.weight",
     **{f"deberta.embeddings.LayerNorm.{w}": f"embed_norm.{w}" for w in ("weight", "bias")},
     "deberta.encoder.rel_embeddings.weight": "rel_embeddings.weight",
-    **{f"deberta.encoder.LayerNorm.{w}": f"rel_norm.{w}" for w in ("weight", "bias")},
+    **{f"deberta.encoder.LayerNorm.{w}": f"rel_embeddings.norm.{w}" for w in ("weight", "bias")},
     **{f"deberta.encoder.layer.{{}}.{a}.{w}": f"blocks.{{}}.{b}.{w}"
        for a, b in DEBERTA_LAYER.items() for w in ("weight", "bias")},
     **{k: v for k, v in BERT_KEYS.items() if k.startswith("cls.predictions")},

@@ -143,7 +143,7 @@ def test_layer_one_token_at_a_time_equals_chunked():
     torch.manual_seed(0)
     layer = GatedDeltaNet(cfg).eval()
     x = torch.randn(2, 37, cfg.d_model)
-    ctx = lambda pos: Context(pos, None, None, use_cache=int(pos[0]) > 0)  # noqa: E731  (what the model passes)
+    ctx = lambda pos: Context(pos=pos, kpos=pos, causal=True, decoding=int(pos[0]) > 0)  # noqa: E731
     with torch.no_grad():
         full = layer(x, ctx(torch.arange(37)))
         state = DeltaNetState(2, cfg)

@@ -282,8 +282,8 @@ def test_t5_legacy_config_keys(models, tmp_path):
 def test_marian_sinusoids_are_hfs(models):
     """Marian's table: sines in the first half of the channels, cosines in the second, bit for bit."""
     hf, ours, _ = models("marian")
-    assert torch.equal(ours.encoder.wpe_table, hf.model.encoder.embed_positions.weight)
-    assert torch.equal(ours.decoder.wpe_table, hf.model.decoder.embed_positions.weight)
+    assert torch.equal(ours.encoder.wpe.sinusoids, hf.model.encoder.embed_positions.weight)
+    assert torch.equal(ours.decoder.wpe.sinusoids, hf.model.decoder.embed_positions.weight)
 
 
 def test_seq2seq_head_tying_follows_the_file(models):

@@ -84,7 +84,7 @@ def depth_reference(model, ids):
     cfg, T = model.config, ids.shape[1]
     pos = torch.arange(T)
     x = model.embed(ids, pos)
-    ctx = model.contexts(pos, None)["attn"]
+    ctx = model.context("attn", pos, None, None, False)
     for i in range(cfg.n_layer):
         if cfg.depth_embedding == "learned":
             x = x + model.step_emb.weight[i]
@@ -118,7 +118,7 @@ def act_reference(model, ids):
     cfg, (B, T) = model.config, ids.shape
     pos = torch.arange(T)
     x = model.embed(ids, pos)
-    ctx = model.contexts(pos, None)["attn"]
+    ctx = model.context("attn", pos, None, None, False)
     probs, states = [], []
     for n in range(cfg.n_layer):
         if cfg.depth_embedding == "learned":
@@ -472,7 +472,7 @@ def naive_block_attention(model, layer, x):
     q = heads(layer.q_proj(x))                                             # (B, nh, T, hs)
     k, v = (heads(p(x)).repeat_interleave(g, 1) for p in (layer.k_proj, layer.v_proj))
     if cfg.position == "rope":
-        cos, sin = model.rope["block_attn"](torch.arange(T))
+        cos, sin = model.position.rotary(torch.arange(T), "block_attn")
         rot = lambda t: t * cos + torch.cat((-t[..., hs // 2:], t[..., :hs // 2]), -1) * sin  # noqa: E731
         q, k = rot(q), rot(k)
     out = torch.zeros(B, nh, T, hs)
@@ -501,7 +501,7 @@ def test_block_attention_matches_naive_reference(position, compress, n_kv_head):
     assert layer.k_proj.out_features == m.config.kv_heads * m.config.hs                 # MQA: one K/V head
     x = torch.randn(2, 23, m.config.d_model, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        ctx = m.contexts(torch.arange(23), None)["block_attn"]
+        ctx = m.context("block_attn", torch.arange(23), None, None, False)
         assert close(layer(x, ctx), naive_block_attention(m, layer, x), 1e-5)
 
 
@@ -565,7 +565,7 @@ def test_brt_gradients_reach_position_bias_and_compressed_tokens():
     m.train()
     emb = m.wte(ids_of(1, 24)).detach().requires_grad_()                   # (1, 24, C)
     h = emb
-    ctx = m.contexts(torch.arange(24), None)["block_attn"]
+    ctx = m.context("block_attn", torch.arange(24), None, None, False)
     h = m.blocks[0](h, ctx)
     h[:, -1].pow(2).sum().backward()                                       # the last token of block 5
     reach = emb.grad[0].abs().amax(-1)
