@@ -182,48 +182,41 @@ class Config:
 
     def check_layout(self):
         """Fields that must agree with each other (LIMITS checks each one alone)."""
-        if self.head_dim is None and self.d_model % self.n_head:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head} "
-                             f"(or set head_dim explicitly)")
-        if self.n_head % self.kv_heads:
-            raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head="
-                             f"{self.n_kv_head} (each kv head serves a whole group of query heads)")
-        if self.dn_v_heads is not None and self.dn_v_heads % self.dn_heads:
-            raise ValueError(f"dn_v_heads={self.dn_v_heads} must be a multiple of dn_heads="
-                             f"{self.dn_heads}")
-        if "moe" in self.ffn_pattern and self.moe_top_k > self.n_expert:
-            raise ValueError(f"moe_top_k={self.moe_top_k} must be between 1 and n_expert="
-                             f"{self.n_expert}")
-        if "local_attn" in self.layer_pattern and not self.sliding_window:
-            raise ValueError("layer_pattern has local_attn layers but sliding_window is not set; "
-                             "set sliding_window to the number of keys each query sees")
-        if self.layer_groups is not None and self.layer_groups > self.n_layer:
-            raise ValueError(f"layer_groups={self.layer_groups} must be between 1 and n_layer="
-                             f"{self.n_layer}")
-        if self.decoder_start_token_id >= self.vocab_size:
-            raise ValueError(f"decoder_start_token_id={self.decoder_start_token_id} must be below "
-                             f"vocab_size={self.vocab_size}")
-        if any(i >= self.n_layer for i in self.recurrent_layers) or (
-                self.recurrent_layers and not self.block_width):
-            raise ValueError(f"recurrent_layers={list(self.recurrent_layers)} must be layer "
-                             f"indices below n_layer={self.n_layer}, with block_width > 0")
-        c = self.compress_factor
-        if c and (not self.block_width or self.block_width % c):
-            raise ValueError(f"compress_factor={c} must divide a positive block_width="
-                             f"{self.block_width} (0 = off)")
-        if self.block_width and POSITIONS[self.position].score_bias is not Position.score_bias:
-            raise ValueError(f"position={self.position!r} adds a bias to the attention scores, "
-                             f"which block-recurrent layers (block_width > 0) do not read; use "
-                             f"rope, dynamic_bias, learned, sinusoidal or none")
+        c, width, pattern = self.compress_factor, self.block_width, self.layer_pattern
+        for broken, message in [  # (the disagreement, what to say)
+            (self.head_dim is None and self.d_model % self.n_head, f"d_model={self.d_model} must "
+             f"be divisible by n_head={self.n_head} (or set head_dim explicitly)"),
+            (self.n_head % self.kv_heads, f"n_head={self.n_head} must be divisible by n_kv_head="
+             f"{self.n_kv_head} (each kv head serves a whole group of query heads)"),
+            (self.dn_v_heads and self.dn_v_heads % self.dn_heads, f"dn_v_heads={self.dn_v_heads} "
+             f"must be a multiple of dn_heads={self.dn_heads}"),
+            ("moe" in self.ffn_pattern and self.moe_top_k > self.n_expert, f"moe_top_k="
+             f"{self.moe_top_k} must be between 1 and n_expert={self.n_expert}"),
+            ("local_attn" in pattern and not self.sliding_window, "layer_pattern has local_attn "
+             "layers but sliding_window is not set; set it to the number of keys a query sees"),
+            ((self.layer_groups or 0) > self.n_layer, f"layer_groups={self.layer_groups} must be "
+             f"between 1 and n_layer={self.n_layer}"),
+            (self.decoder_start_token_id >= self.vocab_size, f"decoder_start_token_id="
+             f"{self.decoder_start_token_id} must be below vocab_size={self.vocab_size}"),
+            (any(i >= self.n_layer for i in self.recurrent_layers) or self.recurrent_layers and
+             not width, f"recurrent_layers={list(self.recurrent_layers)} must be layer indices "
+             f"below n_layer={self.n_layer}, with block_width > 0"),
+            (c and (not width or width % c), f"compress_factor={c} must divide a positive "
+             f"block_width={width} (0 = off)"),
+            (width and POSITIONS[self.position].score_bias is not Position.score_bias,
+             f"position={self.position!r} adds a bias to the attention scores, which "
+             f"block-recurrent layers (block_width > 0) do not read; use rope, dynamic_bias, "
+             f"learned, sinusoidal or none"),
+            (self.architecture != "encoder_decoder" and (self.encoder or self.decoder),
+             f"encoder:/decoder: sections configure the stacks of an encoder_decoder; this "
+             f"config is {self.architecture}: move their keys to the top level")]:
+            if broken:
+                raise ValueError(message)
         for part in ("encoder", "decoder"):
             for key in getattr(self, part) or {}:
                 check_choice(f"{part} section key", key, [f.name for f in dataclasses.fields(self)])
         if self.architecture == "encoder_decoder":  # validate both stacks now, not at first use
             stack_config(self, "encoder"), stack_config(self, "decoder")
-        elif self.encoder or self.decoder:
-            raise ValueError(f"encoder:/decoder: sections configure the stacks of an "
-                             f"encoder_decoder; this config is {self.architecture}: move their "
-                             f"keys to the top level")
 
     # derived values are properties, never overwritten fields
     @property
@@ -555,7 +548,8 @@ class RelativeBias(Position):
         log = exact + (torch.log(n.float().clamp(min=1) / exact)
                        / math.log(self.max_distance / exact) * (nb - exact)).long()
         bucket = bucket + torch.where(n < exact, n, log.clamp(max=nb - 1))
-        return self.bias(bucket).permute(2, 0, 1)[None]      # (1, nh, T, S)
+        bias = self.bias(bucket).permute(2, 0, 1)[None]      # (1, nh, T, S)
+        return bias.contiguous()  # once here, not in every layer's attention kernel
 
 
 def deberta_buckets(rel, span, max_distance):
@@ -651,7 +645,7 @@ class Context(NamedTuple):
     kpos: torch.Tensor                 # (S,) positions of the keys: pos itself, or the cache slots'
     causal: bool                       # a query sees no later key (decoders)
     decoding: bool = False             # attend over the cache (a call after the prefill)
-    pad: torch.Tensor | None = None    # (B, S) bool, False = a padding key, never attended
+    pad: torch.Tensor | None = None    # (B, 1, 1, S) bool, False = a padding key, never attended
     rope: tuple | None = None          # (cos, sin), each (T, rd)
     bias: object = None                # the position scheme's score_bias(pos, kpos)
     position: Position | None = None   # the scheme, which makes each layer's bias (layer_bias)
@@ -694,7 +688,7 @@ class KVCache(nn.Module):
 
 def attention_mask(qpos, kpos, causal, window=None, pad=None, bias=None):
     """What attend() applies to the scores of queries at qpos (T,) over keys at kpos (S,), as
-    (mask, is_causal). mask is bool (True = attend), (T, S), or with padding pad (B, S)
+    (mask, is_causal). mask is bool (True = attend), (T, S), or with key padding pad (B, 1, 1, S)
     (B, 1, T, S); given a float bias (.., T, S) it is the bias with -inf where masked. It is None
     where nothing needs masking: every key is visible (an encoder without padding; one query after
     all the keys, none of them a window or more back, as in a ring buffer of at most `window`
@@ -706,7 +700,7 @@ def attention_mask(qpos, kpos, causal, window=None, pad=None, bias=None):
         return bias, False
     if all_near and bias is None and qpos is kpos:
         return None, True
-    keep = pad[:, None, None, :] if pad is not None else True                # (B, 1, 1, S)
+    keep = pad if pad is not None else True                                  # (B, 1, 1, S)
     if causal or window is not None:
         rel = kpos[None, :] - qpos[:, None]                                   # (T, S) key - query
         if causal:
@@ -1082,7 +1076,7 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x, ctx: Context, cache=None):                           # x: (B, T, C)
         B, T, _ = x.shape
         if ctx.pad is not None:  # padding projects to zero: nothing enters the conv or S (HF)
-            x = torch.where(ctx.pad[..., None], x, 0.0)
+            x = torch.where(ctx.pad.view(B, T, 1), x, 0.0)
         q, k, v, z, b, a = self.in_proj(x).split(self.split, dim=-1)
         qkv = torch.cat((q, k, v), dim=-1).transpose(1, 2)                    # (B, Cqkv, T)
         fresh = cache is None or not ctx.decoding
@@ -1356,9 +1350,8 @@ class ModelOutput(NamedTuple):
 
 def check_inputs(ids, name="input_ids", **same_shape):
     """One-line ValueErrors for inputs of the wrong dtype or shape, where they enter the model (no
-    values are read: no device sync). ids must be (B, T) integer token ids; every tensor given in
-    same_shape (targets, token_type_ids, attention_mask) must have ids' shape, and but for the
-    mask hold integers (targets: torch.long, what cross_entropy takes)."""
+    values are read: no device sync). ids must be (B, T) integer token ids, and each tensor of
+    same_shape (targets, token_type_ids, attention_mask) of ids' shape, integer but the mask."""
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.long, torch.int):
         got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise ValueError(f"{name} must be a tensor of integer token ids (torch.long), got {got}")
@@ -1366,14 +1359,11 @@ def check_inputs(ids, name="input_ids", **same_shape):
         raise ValueError(f"{name} must be (batch, time), got shape {tuple(ids.shape)}; pass one "
                          f"sequence as {name}[None]")
     for key, t in same_shape.items():
-        if t is None:
-            continue
-        if t.shape != ids.shape:
+        if t is not None and t.shape != ids.shape:
             raise ValueError(f"{key} must have the shape of {name} {tuple(ids.shape)}, got "
                              f"{tuple(t.shape)}")
-        dtypes = {"targets": (torch.long,), "attention_mask": (t.dtype,)}.get(key, (torch.long,
-                                                                                    torch.int))
-        if t.dtype not in dtypes:
+        integer = (torch.long,) if key == "targets" else (torch.long, torch.int)  # cross_entropy's
+        if t is not None and key != "attention_mask" and t.dtype not in integer:
             raise ValueError(f"{key} must hold integers (torch.long), got {t.dtype}")
 
 
@@ -1516,17 +1506,12 @@ class Transformer(nn.Module):
         if attention_mask is not None and decoding:
             raise ValueError("attention_mask is for encoders and full forwards; cached decoding "
                              "takes unpadded rows")
-        pad = attention_mask.bool() if attention_mask is not None else None
+        pad = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None
         x = self.embed(input_ids, pos, token_type_ids)                   # (B, T, C)
         ctx = {t: self.context(t, pos, cache, pad, decoding) for t in set(self.mixer_types)}
         cross = None
         if cfg.cross_attention:
-            if memory is None:
-                raise ValueError("this decoder has cross-attention: pass memory= (the encoder "
-                                 "output)")
-            cross = Context(pos=pos, kpos=torch.arange(memory.shape[1], device=pos.device),
-                            causal=False, decoding=decoding, memory=memory,
-                            pad=memory_mask.bool() if memory_mask is not None else None)
+            cross = self.cross_context(pos, decoding, memory, memory_mask)
         halting = [torch.zeros(B, T, device=x.device)] * 3 if self.act else None
         out = torch.zeros_like(x)                                # ACT: halting-weighted states
         for i, b in enumerate(self.block_of):
@@ -1555,6 +1540,14 @@ class Transformer(nn.Module):
         return Context(pos=pos, kpos=kpos, causal=self.config.architecture != "encoder_only",
                        decoding=decoding, pad=pad, rope=self.position.rotary(pos, mixer),
                        bias=bias, position=self.position)
+
+    def cross_context(self, pos, decoding, memory, memory_mask) -> Context:
+        """What cross-attention layers read: the encoder output (B, S, C) and its padding (B, S)."""
+        if memory is None:
+            raise ValueError("this decoder has cross-attention: pass memory= (the encoder output)")
+        pad = None if memory_mask is None else memory_mask.bool()[:, None, None, :]
+        return Context(pos=pos, kpos=torch.arange(memory.shape[1], device=pos.device), causal=False,
+                       decoding=decoding, pad=pad, memory=memory)
 
     def depth_signal(self, step, pos):                                   # -> (T, C) or (C,)
         if self.config.depth_embedding == "learned":

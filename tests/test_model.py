@@ -53,7 +53,8 @@ def test_gemma3_layout():
     cfg = Config.from_yaml(CONFIGS / "gemma3_1b.yaml")
     with torch.device("meta"):
         m = Transformer(cfg)
-    assert m.mixer_types.count("attn") == 4 and m.mixer_types[5] == "attn" and m.mixer_types[0] == "local_attn"
+    assert m.mixer_types.count("attn") == 4
+    assert m.mixer_types[5] == "attn" and m.mixer_types[0] == "local_attn"
 
 
 def test_checkpoint_roundtrip_and_atomic(tmp_path):
@@ -113,7 +114,8 @@ def test_initial_loss_is_log_vocab_and_targets_ignore():
     assert abs(out.loss.item() - math.log(256)) < 0.1 and out.aux_loss.item() == 0
     t = targets.clone()
     t[:, :16] = -1  # ignored positions
-    full = torch.nn.functional.cross_entropy(out.logits[:, 16:].reshape(-1, 256), targets[:, 16:].reshape(-1))
+    full = torch.nn.functional.cross_entropy(out.logits[:, 16:].reshape(-1, 256),
+                                             targets[:, 16:].reshape(-1))
     torch.testing.assert_close(m(ids, targets=t).loss, full)
 
 
@@ -137,7 +139,7 @@ def test_drop_path_and_dropout_only_in_training():
 
 
 def test_drop_path_drops_whole_samples_and_rescales():
-    """Training: each sample's branch is kept whole, scaled by 1/(1-p), or dropped; the mean is kept."""
+    """Training: each sample's branch is kept whole, scaled by 1/(1-p), or dropped; mean kept."""
     p = 0.3
     torch.manual_seed(0)
     x = torch.rand(20000, 3, 4) + 0.5

@@ -147,7 +147,8 @@ MASKS = {  # name -> (qpos, kpos, causal, window, pad, whether the answer is Non
 def test_attention_mask_matches_the_definition(name):
     qpos, kpos, causal, window, pad, is_none = MASKS[name]
     kpos = qpos if kpos is None else kpos
-    mask, fused_causal = attention_mask(qpos, kpos, causal, window, pad)
+    key_pad = pad[:, None, None, :] if pad is not None else None             # (B, 1, 1, S)
+    mask, fused_causal = attention_mask(qpos, kpos, causal, window, key_pad)
     assert (mask is None) == is_none
     assert fused_causal == (is_none and causal and qpos is kpos and len(qpos) > 1)
     got = expand(mask, fused_causal, len(qpos), len(kpos))
