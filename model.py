@@ -11,7 +11,8 @@ Read top to bottom in the order data flows:
 
 Index: every variant is a Config value; this is where each one lives.
   attention         Attention (MHA/GQA/MQA, QK-norm, softcap, output gate), attend
-  sliding window    local_attn layers: Attention.window, attention_mask, KVCache (a ring buffer)
+  masks, windows    attention_mask (causal, sliding window, padding, bias), next to KVCache (a ring
+                    buffer for local_attn layers); Attention.window; Transformer.context
   positions         POSITIONS: learned LearnedPosition, sinusoidal SinusoidalPosition, rope RoPE
                     (ROPE_SCALINGS: linear, dynamic, llama3), relative_bias RelativeBias (T5),
                     disentangled Disentangled (DeBERTa), alibi ALiBi, none Position, dynamic_bias
@@ -29,7 +30,7 @@ Index: every variant is a Config value; this is where each one lives.
                     BlockMemory
   stochastic depth  DropPath
   decoding          Transformer.setup_cache, generate, sample_loop, sample, LOGIT_FILTERS
-  input checks      Config (LIMITS, check_layout), check_inputs, check_ids, check_sampling
+  input checks      LIMITS, Config.check_layout, read_yaml, check_inputs, check_ids, check_sampling
 
 Shape legend: B batch, T time (new tokens), C d_model, nh query heads, nkv kv heads,
 hs head size, S keys (cache slots), V vocab, F feed-forward width, E experts.
@@ -468,21 +469,6 @@ ROPE_SCALINGS = {"none": lambda inv, cfg, pos: inv, "linear": rope_linear,
                  "dynamic": rope_dynamic, "llama3": rope_llama3}
 
 
-class Rotary(nn.Module):
-    """One RoPE frequency table, (scaled) theta^(-2i/rd), and its (cos, sin) at positions."""
-
-    def __init__(self, cfg, theta, scaling):
-        super().__init__()
-        self.cfg, self.scale = cfg, ROPE_SCALINGS[scaling]
-        inv = theta ** -(torch.arange(0, cfg.rope_dim, 2, dtype=torch.float32) / cfg.rope_dim)
-        self.register_buffer("inv_freq", inv, persistent=False)              # (rd/2,)
-
-    def forward(self, pos):                                                   # pos: (T,)
-        f = pos.float()[:, None] * self.scale(self.inv_freq, self.cfg, pos)   # (T, rd/2)
-        f = torch.cat((f, f), dim=-1)                                         # (T, rd)
-        return f.cos(), f.sin()
-
-
 class RoPE(Position):
     """RoPE (Su et al. 2021, arXiv:2104.09864) on q and k, HF's split-halves form (channel i pairs
     with i + rd/2). Sliding-window layers may use another base, unscaled (Gemma 3)."""
@@ -490,10 +476,12 @@ class RoPE(Position):
 
     def __init__(self, cfg: Config, width: int):
         super().__init__(cfg, width)
-        local = (cfg.rope_local_theta, "none") if cfg.rope_local_theta else (cfg.rope_theta,
-                                                                               cfg.rope_scaling)
-        self.freqs = nn.ModuleDict({"global": Rotary(cfg, cfg.rope_theta, cfg.rope_scaling),
-                                    "local": Rotary(cfg, *local)})
+        self.cfg, local = cfg, cfg.rope_local_theta
+        exponents = torch.arange(0, cfg.rope_dim, 2, dtype=torch.float32) / cfg.rope_dim
+        self.register_buffer("inv_freq", cfg.rope_theta ** -exponents, persistent=False)  # (rd/2,)
+        self.register_buffer("inv_freq_local", (local or cfg.rope_theta) ** -exponents,
+                             persistent=False)
+        self.scalings = {"global": cfg.rope_scaling, "local": "none" if local else cfg.rope_scaling}
 
     @classmethod
     def check(cls, cfg):
@@ -505,8 +493,12 @@ class RoPE(Position):
             raise ValueError(f"rope_high_freq_factor={cfg.rope_high_freq_factor} must exceed "
                              f"rope_low_freq_factor={cfg.rope_low_freq_factor}")
 
-    def rotary(self, pos, mixer):
-        return self.freqs["local" if mixer == "local_attn" else "global"](pos)
+    def rotary(self, pos, mixer):                                             # pos: (T,)
+        kind = "local" if mixer == "local_attn" else "global"
+        inv = self.inv_freq_local if kind == "local" else self.inv_freq
+        f = pos.float()[:, None] * ROPE_SCALINGS[self.scalings[kind]](inv, self.cfg, pos)
+        f = torch.cat((f, f), dim=-1)                                         # (T, rd)
+        return f.cos(), f.sin()
 
 
 def apply_rope(x, cos, sin):                         # x: (B, nh, T, hs); cos, sin: (T, rd)
