@@ -255,7 +255,9 @@ class Config:
 
     @classmethod
     def from_yaml(cls, path, **overrides) -> "Config":
-        return cls.from_dict({**read_yaml(path), **overrides})
+        raw = read_yaml(path)
+        raw.pop("train", None)  # a `train:` section holds train.py's settings, not the model's
+        return cls.from_dict({**raw, **overrides})
 
 
 LIMITS = {  # rule -> (test, the fields it covers); None (an unset option) passes every rule
@@ -275,7 +277,7 @@ LIMITS = {  # rule -> (test, the fields it covers); None (an unset option) passe
 
 
 def read_yaml(path) -> dict:
-    """A config file's top-level mapping, less its `train:` section (train.py's settings)."""
+    """A YAML config file's top-level mapping; a syntax error is one line with file:line:column."""
     import yaml  # lazy: model.py imports only torch at module level
     with open(path) as f:
         try:
@@ -288,9 +290,7 @@ def read_yaml(path) -> dict:
     if not isinstance(raw, dict | None):
         raise ValueError(f"{path} must hold a mapping of config keys (key: value lines), "
                          f"not a {type(raw).__name__}")
-    raw = dict(raw or {})
-    raw.pop("train", None)
-    return raw
+    return dict(raw or {})
 
 
 def check_choice(what, value, allowed):
@@ -1396,9 +1396,10 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, self.layer_types[self.block_of.index(g)])
                                     for g in range(groups))
         self.norm_f = NORMS[cfg.norm](cfg.d_model, cfg) if cfg.final_norm else nn.Identity()
-        self.head_transform = nn.Sequential(nn.Linear(cfg.d_model, E), ACTIVATIONS[cfg.activation],
-                                            NORMS[cfg.norm](E, cfg)) if cfg.head_transform else (
-                                                nn.Identity())
+        self.head_transform = nn.Identity()
+        if cfg.head_transform:  # BERT's MLM head: dense -> activation -> norm
+            self.head_transform = nn.Sequential(
+                nn.Linear(cfg.d_model, E), ACTIVATIONS[cfg.activation], NORMS[cfg.norm](E, cfg))
         self.lm_head = nn.Linear(E, cfg.vocab_size, bias=cfg.head_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
@@ -1413,8 +1414,8 @@ class Transformer(nn.Module):
             self.step_emb = nn.Embedding(cfg.n_layer, cfg.d_model)
         self.act = ACT(cfg) if cfg.act else None
         # modules whose aux_loss (set in their forward) joins the output's aux_loss
-        self.aux_modules = [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)] + (
-            [self.act] if cfg.act else [])
+        moe = [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+        self.aux_modules = moe + ([self.act] if cfg.act else [])
         self.init_weights()
 
     def init_weights(self):
@@ -1428,8 +1429,8 @@ class Transformer(nn.Module):
                     nn.init.normal_(p, 0.0, cfg.init_std / math.sqrt(2 * cfg.n_layer))
 
     def _init_weights(self, m):  # matrices and tables (a position scheme's `weight` too): N(0, std)
-        if isinstance(m, (nn.Linear, nn.Embedding)) or isinstance(m, Position) and isinstance(
-                getattr(m, "weight", None), nn.Parameter):
+        table = isinstance(m, Position) and isinstance(getattr(m, "weight", None), nn.Parameter)
+        if isinstance(m, (nn.Linear, nn.Embedding)) or table:
             nn.init.normal_(m.weight, 0.0, self.config.init_std)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
