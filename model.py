@@ -1,19 +1,42 @@
 """anyformer: every transformer variant in one readable PyTorch file.
 
 Read top to bottom in the order data flows:
-  1. Config           a frozen dataclass loaded from YAML and validated
-  2. Building blocks  norms, positions, attention, feed-forward
-  3. Block and stack  one residual Block; the per-layer layout is data (layer_types)
-  4. Model and heads  Transformer: embeddings -> blocks -> final norm -> LM head
-  5. Inference        static KV cache, sampling filters, generate()
-  6. Import           checkpoints (ours) and HF-format directories
+  1. Config           a frozen dataclass loaded from YAML, each field checked (LIMITS)
+  2. Building blocks  norms; positions; attention with its KV cache and masks; block-recurrent
+                      attention; Gated DeltaNet; feed-forward; mixture of experts
+  3. Block and stack  one residual Block (the per-layer layout is data: layer_types); ACT
+  4. Model and heads  Transformer: embeddings -> blocks -> final norm -> heads; EncoderDecoder
+  5. Inference        sampling filters and the generation loop
+  6. Checkpoints      ours (save / load); HF-format directories are hf.py's
+
+Index: every variant is a Config value; this is where each one lives.
+  attention         Attention (MHA/GQA/MQA, QK-norm, softcap, output gate), attend
+  masks, windows    attention_mask (causal, sliding window, padding, bias), next to KVCache (a ring
+                    buffer for local_attn layers); Attention.window; Transformer.context
+  positions         POSITIONS: learned LearnedPosition, sinusoidal SinusoidalPosition, rope RoPE
+                    (ROPE_SCALINGS: linear, dynamic, llama3), relative_bias RelativeBias (T5),
+                    disentangled Disentangled (DeBERTa), alibi ALiBi, none Position, dynamic_bias
+                    DynamicPositionBias (inside block-recurrent layers)
+  norms             NORMS (layernorm, rmsnorm: RMSNorm, Gemma's 1 + w); pre/post/sandwich: Block
+  feed-forward      FFNS: mlp MLP, glu GLU (SwiGLU, GeGLU); ACTIVATIONS
+  mixture of experts  MoE; ROUTERS: token_choice, expert_choice; expert_linear, balance_loss
+  linear attention  GatedDeltaNet, delta_rule_chunked, delta_rule_recurrent, DeltaNetState
+  layouts, hybrids  layer_types (layer_pattern, attention_type, hybrid_ratio, ffn_pattern); MIXERS
+  encoder-only      BERT, ALBERT, DeBERTa: Transformer (token types wtt, embed_dim, layer_groups
+                    sharing, head_transform, cls_head)
+  encoder-decoder   EncoderDecoder, stack_config, CrossAttention, CrossKV
+  Universal Tr.     layer_groups 1 + depth_embedding (Transformer.depth_signal) + ACT
+  Block-Recurrent   BlockAttention (XL memory, compression), RecurrentAttention, StateGate,
+                    BlockMemory
+  stochastic depth  DropPath
+  decoding          Transformer.setup_cache, generate, sample_loop, sample, LOGIT_FILTERS
+  input checks      LIMITS, Config.check_layout, read_yaml, check_inputs, check_ids, check_sampling
 
 Shape legend: B batch, T time (new tokens), C d_model, nh query heads, nkv kv heads,
-hs head size, S cache slots, V vocab, F feed-forward width.
+hs head size, S keys (cache slots), V vocab, F feed-forward width, E experts.
 """
 import dataclasses
 import difflib
-import json
 import math
 import os
 import types
@@ -35,9 +58,9 @@ class Config:
     """Every architectural choice. Unknown keys and bad values raise a one-line ValueError."""
 
     architecture: str = "decoder_only"  # a key of ARCHITECTURES
-    encoder: dict | None = None       # encoder_decoder: fields that differ in the encoder stack (n_layer, ...)
-    decoder: dict | None = None       # encoder_decoder: fields that differ in the decoder stack
-    cross_attention: bool = False     # blocks attend to an encoder output (set for an encoder-decoder's decoder)
+    encoder: dict | None = None       # encoder_decoder: the encoder stack's own fields (n_layer..)
+    decoder: dict | None = None       # encoder_decoder: the decoder stack's own fields
+    cross_attention: bool = False     # blocks attend to an encoder output (an enc-dec's decoder)
     decoder_start_token_id: int = 0   # first decoder input of an encoder-decoder
     # sizes
     vocab_size: int = 50304
@@ -47,88 +70,88 @@ class Config:
     n_kv_head: int | None = None      # None -> n_head (MHA); 1 -> MQA; otherwise GQA
     d_model: int = 768
     head_dim: int | None = None       # None -> d_model // n_head (Qwen3/Gemma set it freely)
-    d_ff: int | None = None           # None -> 4*d_model (mlp) or 8/3*d_model rounded to 64 (glu)
+    d_ff: int | None = None           # None -> 4*d_model (mlp), 8/3*d_model rounded to 64 (glu)
     # norms
     norm: str = "layernorm"           # a key of NORMS
     norm_eps: float = 1e-5
     norm_unit_offset: bool = False    # RMSNorm scales by (1 + w), w starting at 0 (Gemma)
     norm_bias: bool = True            # LayerNorm has a bias
-    norm_placement: str = "pre"       # pre | post (original Transformer, BERT) | sandwich (Gemma 2/3)
+    norm_placement: str = "pre"       # pre | post (original Transformer, BERT) | sandwich (Gemma)
     final_norm: bool = True           # a norm after the last block
     # positions
     position: str = "learned"         # a key of POSITIONS
     rope_theta: float = 10000.0
-    rope_local_theta: float | None = None  # base for sliding-window layers (Gemma 3); None -> rope_theta
-    rope_scaling: str = "none"        # a key of ROPE_SCALINGS; applies to global layers only
+    rope_local_theta: float | None = None  # base of sliding-window layers (Gemma 3), unscaled
+    rope_scaling: str = "none"        # a key of ROPE_SCALINGS; global layers only
     rope_factor: float = 1.0
     rope_low_freq_factor: float = 1.0      # llama3 scaling band edges
     rope_high_freq_factor: float = 4.0
     rope_original_max_len: int = 8192      # context the RoPE was trained at (llama3, dynamic)
-    rope_fraction: float = 1.0        # rotate only the first fraction of each head (partial RoPE)
+    rope_fraction: float = 1.0        # rotate only this fraction of each head (partial RoPE)
     pos_offset: int = 0               # learned position ids start here (BART: 2)
-    rel_buckets: int = 32             # relative_bias: buckets of key - query distance (T5); disentangled: span
-    rel_max_distance: int = 128       # distances beyond this share the last bucket (T5) / log-bucket range
+    rel_buckets: int = 32             # relative_bias: buckets (T5); disentangled: the span
+    rel_max_distance: int = 128       # farther distances share the last bucket / log range end
     # attention
-    layer_pattern: tuple = ("attn",)  # keys of MIXERS tiled over the layers, e.g. 5 x local_attn + attn
-    attention_type: str = "softmax"   # softmax: layer_pattern | linear: all deltanet | hybrid: see hybrid_ratio
-    hybrid_ratio: int = 3             # hybrid: this many deltanet layers per attn layer (Qwen3-Next: 3)
+    layer_pattern: tuple = ("attn",)  # keys of MIXERS tiled over the layers (5 local_attn + attn)
+    attention_type: str = "softmax"   # softmax: layer_pattern | linear: deltanet | hybrid
+    hybrid_ratio: int = 3             # hybrid: this many deltanet layers per attn (Qwen3-Next: 3)
     sliding_window: int | None = None  # keys a local_attn query sees, itself included
     qk_norm: bool = False             # normalise q and k per head before RoPE (Qwen3, Gemma 3)
-    attn_scale: float | None = None   # None -> head_dim**-0.5 (Gemma: query_pre_attn_scalar**-0.5)
+    attn_scale: float | None = None   # None -> head_dim**-0.5 (Gemma: query_pre_attn_scalar)
     attn_softcap: float | None = None  # scores -> cap*tanh(scores/cap) (Gemma 2)
-    attn_gate: bool = False           # output gate sigmoid(x W_g) on the attention heads (Qwen3-Next)
+    attn_gate: bool = False           # output gate sigmoid(x W_g) on the heads (Qwen3-Next)
     bias: bool = True                 # biases on attention and feed-forward projections
-    ffn_bias: bool | None = None      # feed-forward biases when they differ from attention's (None -> bias)
+    ffn_bias: bool | None = None      # feed-forward biases, when not as `bias`
     # Gated DeltaNet (linear attention) layers
     dn_heads: int = 4                 # key heads (dk each)
     dn_v_heads: int | None = None     # value heads, a multiple of dn_heads; None -> dn_heads
     dn_head_dim: int = 64             # dk
     dn_v_head_dim: int | None = None  # dv; None -> dn_head_dim
     dn_conv: int = 4                  # causal depthwise conv kernel over q, k, v
-    dn_chunk: int = 64                # chunk length of the parallel form (training and prefill)
+    dn_chunk: int = 64                # chunk length of the parallel form (training, prefill)
     # feed-forward
     ffn: str = "mlp"                  # a key of FFNS
     activation: str = "gelu"          # a key of ACTIVATIONS
     # mixture of experts (experts are FFNs of the `ffn` kind)
-    ffn_pattern: tuple = ("dense",)   # "dense" | "moe" tiled over the layers, e.g. [dense, moe] = MoE every 2nd
+    ffn_pattern: tuple = ("dense",)   # dense | moe tiled over the layers ([dense, moe]: every 2nd)
     n_expert: int = 8
-    moe_top_k: int = 2                # experts per token (token choice) or mean tokens' share (expert choice)
+    moe_top_k: int = 2                # experts per token (token choice; expert choice: the mean)
     moe_d_ff: int | None = None       # expert width; None -> the dense FFN width
     moe_router: str = "token_choice"  # a key of ROUTERS
-    moe_renorm: bool = True           # renormalise the top-k weights to sum to 1 (Mixtral; Qwen3-MoE: false)
-    moe_capacity: float = 1.0         # expert choice: each expert takes capacity * N * top_k / E tokens
-    moe_shared_d_ff: int | None = None  # width of an always-on shared expert with a sigmoid gate (Qwen)
+    moe_renorm: bool = True           # top-k weights renormalised to sum to 1 (Mixtral)
+    moe_capacity: float = 1.0         # expert choice: each expert takes capacity * N * top_k / E
+    moe_shared_d_ff: int | None = None  # width of an always-on shared expert, sigmoid-gated (Qwen)
     moe_aux_weight: float = 0.01      # load-balancing loss weight inside aux_loss
-    moe_z_weight: float = 0.0         # router z-loss weight inside aux_loss (ST-MoE, arXiv:2202.08906)
-    moe_pool_balance: bool = False    # one balance loss over all MoE layers' routing (HF); False: per layer (Switch)
+    moe_z_weight: float = 0.0         # router z-loss weight inside aux_loss (ST-MoE)
+    moe_pool_balance: bool = False    # one balance loss over all MoE layers (HF); False: per layer
     # embeddings and head
     tie_embeddings: bool = True
     embed_scale: float | None = None  # multiply token embeddings (Gemma: sqrt(d_model))
     final_softcap: float | None = None  # logits -> cap*tanh(logits/cap) (Gemma 2)
-    head_input_scale: float | None = None  # multiply the final hidden state before the head (T5: d_model**-0.5)
+    head_input_scale: float | None = None  # scales the head's input (T5: d_model**-0.5)
     # encoder-only (BERT family)
-    type_vocab_size: int = 0          # token-type (segment) embeddings added to the input (BERT: 2)
-    embed_dim: int | None = None      # factorised embeddings of this size, projected to d_model (ALBERT)
+    type_vocab_size: int = 0          # token-type (segment) embeddings (BERT: 2)
+    embed_dim: int | None = None      # factorised embeddings of this size (ALBERT)
     embed_norm: bool = False          # a norm right after the embeddings (BERT, ALBERT)
-    layer_groups: int | None = None   # cross-layer sharing: the n_layer layers reuse this many blocks (ALBERT)
-    head_transform: bool = False      # dense -> activation -> norm before the output matrix (BERT's MLM head)
+    layer_groups: int | None = None   # the n_layer layers share this many blocks (ALBERT)
+    head_transform: bool = False      # dense -> activation -> norm before the output matrix (BERT)
     head_bias: bool = False           # a bias on the output logits (BERT's MLM head)
-    cls_head: bool = False            # pooler tanh(W h[:, 0]) + 2-way classifier (BERT NSP, ALBERT SOP)
-    # recurrence in time: Block-Recurrent Transformer (block_width > 0 lays out block_attn/recurrent layers)
-    block_width: int = 0              # tokens per block; attention sees the current and the previous block
+    cls_head: bool = False            # pooler tanh(W h[:, 0]) + 2-way classifier (NSP, SOP)
+    # recurrence in time: Block-Recurrent Transformer (block_width > 0 lays out its layers)
+    block_width: int = 0              # tokens per block; attention sees this and the previous block
     recurrent_layers: tuple = ()      # indices of the layers that carry state vectors
     n_states: int = 32                # state vectors per recurrent layer
     state_gate: str = "fixed"         # fixed | lstm
-    state_forget_bias: float = 1.0    # initial forget-gate bias: about log(blocks to remember) (arXiv:1804.11188)
+    state_forget_bias: float = 1.0    # initial forget bias: ~log(blocks to remember) (1804.11188)
     state_dropout: float = 0.0        # dropout on the new state content during training
-    memory_dropout: float = 0.0       # training: hide a block's memory (all keys before the block) with this probability
-    compress_factor: int = 0          # blocks older than the XL memory are mean-pooled c:1 into slots (0 = off)
-    compress_slots: int = 16          # compressed slots a query reads: those just before its previous block
-    pos_bias_dim: int = 32            # position dynamic_bias: hidden width of the MLP over key distances
+    memory_dropout: float = 0.0       # training: hide a block's memory with this probability
+    compress_factor: int = 0          # blocks older than the memory pooled c:1 into slots (0: off)
+    compress_slots: int = 16          # compressed slots a query reads, those before its memory
+    pos_bias_dim: int = 32            # position dynamic_bias: hidden width of its MLP
     # recurrence in depth: Universal Transformer = layer_groups 1 (one block, n_layer steps) + these
-    depth_embedding: str = "none"     # none | sinusoidal (position + step timing) | learned: added before each step
-    act: bool = False                 # Adaptive Computation Time: per-position halting over the n_layer steps
-    act_threshold: float = 0.99       # halt once the summed halting probability passes 1 - eps
+    depth_embedding: str = "none"     # none | sinusoidal (position + step) | learned: each step
+    act: bool = False                 # Adaptive Computation Time: halting over the n_layer steps
+    act_threshold: float = 0.99       # halt once the summed halting probability passes this
     act_weight: float = 0.01          # ponder cost weight inside aux_loss
     # regularisation, init, memory
     dropout: float = 0.0
@@ -140,60 +163,61 @@ class Config:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, check_type(f.name, getattr(self, f.name), f.type))
-        for key, registry in [("architecture", ARCHITECTURES), ("norm", NORMS), ("position", POSITIONS),
-                              ("rope_scaling", ROPE_SCALINGS), ("ffn", FFNS), ("activation", ACTIVATIONS),
-                              ("norm_placement", PLACEMENTS)]:
-            check_choice(key, getattr(self, key), registry)
+        for key, allowed in [("architecture", ARCHITECTURES), ("norm", NORMS),
+                             ("position", POSITIONS), ("rope_scaling", ROPE_SCALINGS),
+                             ("ffn", FFNS), ("activation", ACTIVATIONS), ("moe_router", ROUTERS),
+                             ("norm_placement", PLACEMENTS), ("state_gate", ("fixed", "lstm")),
+                             ("attention_type", ("softmax", "linear", "hybrid")),
+                             ("depth_embedding", ("none", "sinusoidal", "learned"))]:
+            check_choice(key, getattr(self, key), allowed)
         for t in self.layer_pattern:
             check_choice("layer_pattern entry", t, MIXERS)
         for t in self.ffn_pattern:
             check_choice("ffn_pattern entry", t, ("dense", "moe"))
-        check_choice("moe_router", self.moe_router, ROUTERS)
-        check_choice("attention_type", self.attention_type, ("softmax", "linear", "hybrid"))
-        check_choice("depth_embedding", self.depth_embedding, ("none", "sinusoidal", "learned"))
-        check_choice("state_gate", self.state_gate, ("fixed", "lstm"))
-        if any(not 0 <= i < self.n_layer for i in self.recurrent_layers) or (self.recurrent_layers and not self.block_width):
-            raise ValueError(f"recurrent_layers={list(self.recurrent_layers)} must be layer indices below "
-                             f"n_layer={self.n_layer}, with block_width > 0")
-        c = self.compress_factor
-        if c < 0 or c and (not self.block_width or self.block_width % c or self.compress_slots < 1):
-            raise ValueError(f"compress_factor={c} must divide a positive block_width={self.block_width} "
-                             f"(0 = off), with compress_slots={self.compress_slots} >= 1")
-        if self.position == "dynamic_bias" and not self.block_width:
-            raise ValueError("position='dynamic_bias' is built into block-recurrent layers; set block_width > 0 "
-                             "or pick another position")
-        if self.dn_v_heads is not None and self.dn_v_heads % self.dn_heads:
-            raise ValueError(f"dn_v_heads={self.dn_v_heads} must be a multiple of dn_heads={self.dn_heads}")
-        if "moe" in self.ffn_pattern and not 1 <= self.moe_top_k <= self.n_expert:
-            raise ValueError(f"moe_top_k={self.moe_top_k} must be between 1 and n_expert={self.n_expert}")
-        for key in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key}={getattr(self, key)} must be a positive integer")
-        if self.head_dim is None and self.d_model % self.n_head:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head} "
-                             f"(or set head_dim explicitly)")
-        if self.n_head % self.kv_heads:
-            raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head} "
-                             f"(each kv head serves a whole group of query heads)")
-        if self.position == "rope" and self.rope_dim % 2:
-            raise ValueError(f"RoPE needs an even number of rotated channels, got {self.rope_dim} "
-                             f"(head_dim={self.hs}, rope_fraction={self.rope_fraction}); use an even head_dim")
-        if "local_attn" in self.layer_pattern and not self.sliding_window:
-            raise ValueError("layer_pattern has local_attn layers but sliding_window is not set; "
-                             "set sliding_window to the number of keys each query sees")
+        for rule, (ok, keys) in LIMITS.items():
+            for key in keys.split():
+                if getattr(self, key) is not None and not ok(getattr(self, key)):
+                    raise ValueError(f"{key}={getattr(self, key)!r} must be {rule}")
+        self.check_layout()
+        POSITIONS[self.position].check(self)
+
+    def check_layout(self):
+        """Fields that must agree with each other (LIMITS checks each one alone)."""
+        c, width, pattern = self.compress_factor, self.block_width, self.layer_pattern
+        for broken, message in [  # (the disagreement, what to say)
+            (self.head_dim is None and self.d_model % self.n_head, f"d_model={self.d_model} must "
+             f"be divisible by n_head={self.n_head} (or set head_dim explicitly)"),
+            (self.n_head % self.kv_heads, f"n_head={self.n_head} must be divisible by n_kv_head="
+             f"{self.n_kv_head} (each kv head serves a whole group of query heads)"),
+            (self.dn_v_heads and self.dn_v_heads % self.dn_heads, f"dn_v_heads={self.dn_v_heads} "
+             f"must be a multiple of dn_heads={self.dn_heads}"),
+            ("moe" in self.ffn_pattern and self.moe_top_k > self.n_expert, f"moe_top_k="
+             f"{self.moe_top_k} must be between 1 and n_expert={self.n_expert}"),
+            ("local_attn" in pattern and not self.sliding_window, "layer_pattern has local_attn "
+             "layers but sliding_window is not set; set it to the number of keys a query sees"),
+            ((self.layer_groups or 0) > self.n_layer, f"layer_groups={self.layer_groups} must be "
+             f"between 1 and n_layer={self.n_layer}"),
+            (self.decoder_start_token_id >= self.vocab_size, f"decoder_start_token_id="
+             f"{self.decoder_start_token_id} must be below vocab_size={self.vocab_size}"),
+            (any(i >= self.n_layer for i in self.recurrent_layers) or self.recurrent_layers and
+             not width, f"recurrent_layers={list(self.recurrent_layers)} must be layer indices "
+             f"below n_layer={self.n_layer}, with block_width > 0"),
+            (c and (not width or width % c), f"compress_factor={c} must divide a positive "
+             f"block_width={width} (0 = off)"),
+            (width and POSITIONS[self.position].score_bias is not Position.score_bias,
+             f"position={self.position!r} adds a bias to the attention scores, which "
+             f"block-recurrent layers (block_width > 0) do not read; use rope, dynamic_bias, "
+             f"learned, sinusoidal or none"),
+            (self.architecture != "encoder_decoder" and (self.encoder or self.decoder),
+             f"encoder:/decoder: sections configure the stacks of an encoder_decoder; this "
+             f"config is {self.architecture}: move their keys to the top level")]:
+            if broken:
+                raise ValueError(message)
         for part in ("encoder", "decoder"):
             for key in getattr(self, part) or {}:
                 check_choice(f"{part} section key", key, [f.name for f in dataclasses.fields(self)])
         if self.architecture == "encoder_decoder":  # validate both stacks now, not at first use
             stack_config(self, "encoder"), stack_config(self, "decoder")
-        elif self.encoder or self.decoder:
-            raise ValueError(f"encoder:/decoder: sections configure the stacks of an encoder_decoder; "
-                             f"this config is {self.architecture}: move their keys to the top level")
-        if self.layer_groups is not None and not 1 <= self.layer_groups <= self.n_layer:
-            raise ValueError(f"layer_groups={self.layer_groups} must be between 1 and n_layer={self.n_layer}")
-        for key in ("dropout", "drop_path", "state_dropout", "memory_dropout"):
-            if not 0 <= getattr(self, key) < 1:
-                raise ValueError(f"{key}={getattr(self, key)} must be in [0, 1)")
 
     # derived values are properties, never overwritten fields
     @property
@@ -218,6 +242,10 @@ class Config:
     def rope_dim(self) -> int:
         return int(self.hs * self.rope_fraction)
 
+    @property
+    def positions_bounded(self) -> bool:  # positions end at block_size (a table of that many rows)
+        return POSITIONS[self.position].bounded
+
     @classmethod
     def from_dict(cls, raw: dict) -> "Config":
         names = [f.name for f in dataclasses.fields(cls)]
@@ -227,18 +255,50 @@ class Config:
 
     @classmethod
     def from_yaml(cls, path, **overrides) -> "Config":
-        import yaml  # lazy: model.py imports only torch at module level
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-        raw.pop("train", None)  # a `train:` section holds train.py's settings, not the architecture
+        raw = read_yaml(path)
+        raw.pop("train", None)  # a `train:` section holds train.py's settings, not the model's
         return cls.from_dict({**raw, **overrides})
+
+
+LIMITS = {  # rule -> (test, the fields it covers); None (an unset option) passes every rule
+    ">= 1": (lambda v: v >= 1, "vocab_size block_size n_layer n_head n_kv_head d_model head_dim "
+             "d_ff rope_original_max_len rel_buckets rel_max_distance hybrid_ratio sliding_window "
+             "dn_heads dn_v_heads dn_head_dim dn_v_head_dim dn_conv dn_chunk n_expert moe_top_k "
+             "moe_d_ff moe_shared_d_ff embed_dim layer_groups n_states compress_slots "
+             "pos_bias_dim"),
+    ">= 0": (lambda v: v >= 0, "decoder_start_token_id pos_offset type_vocab_size block_width "
+             "compress_factor moe_aux_weight moe_z_weight act_weight"),
+    "> 0": (lambda v: v > 0, "norm_eps rope_theta rope_local_theta rope_factor "
+            "rope_low_freq_factor rope_high_freq_factor attn_scale attn_softcap moe_capacity "
+            "embed_scale final_softcap head_input_scale init_std"),
+    "in (0, 1]": (lambda v: 0 < v <= 1, "rope_fraction act_threshold"),
+    "in [0, 1)": (lambda v: 0 <= v < 1, "dropout drop_path state_dropout memory_dropout"),
+}
+
+
+def read_yaml(path) -> dict:
+    """A YAML config file's top-level mapping; a syntax error is one line with file:line:column."""
+    import yaml  # lazy: model.py imports only torch at module level
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as e:  # a bad indent, a tab: say where, in one line
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            problem = getattr(e, "problem", None) or str(e).replace("\n", " ")
+            raise ValueError(f"{where}: invalid YAML: {problem}") from None
+    if not isinstance(raw, dict | None):
+        raise ValueError(f"{path} must hold a mapping of config keys (key: value lines), "
+                         f"not a {type(raw).__name__}")
+    return dict(raw or {})
 
 
 def check_choice(what, value, allowed):
     if value not in allowed:
         close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        choices = f"one of {sorted(allowed)}" if len(allowed) <= 12 else "known (the fields of Config in model.py)"
+        choices = (f"one of {sorted(allowed)}" if len(allowed) <= 12
+                   else "known (the fields of Config in model.py)")
         raise ValueError(f"{what}={value!r} is not {choices}{hint}")
 
 
@@ -251,7 +311,8 @@ def check_type(name, value, tp):
         return float(value)
     if tuple in allowed and isinstance(value, list):
         return tuple(value)
-    if any(isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in allowed if t is not type(None)):
+    if any(isinstance(value, t) and not (t is int and isinstance(value, bool))
+           for t in allowed if t is not type(None)):
         return value
     names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
     raise ValueError(f"config key {name}={value!r} must be {names}")
@@ -259,13 +320,14 @@ def check_type(name, value, tp):
 
 def stack_config(cfg: Config, part: str) -> Config:
     """One stack of an encoder-decoder: the shared fields, overridden by that stack's section."""
-    own = {"encoder": dict(architecture="encoder_only", tie_embeddings=True, head_bias=False, head_transform=False),
+    own = {"encoder": dict(architecture="encoder_only", tie_embeddings=True, head_bias=False,
+                           head_transform=False),
            "decoder": dict(architecture="decoder_only", cross_attention=True)}[part]
     section = getattr(cfg, part) or {}
-    for key in section:  # the stacks share one embedding and pass d_model-wide states; the rest is fixed per stack
+    for key in section:  # the stacks share one embedding and pass d_model-wide states
         if key in ("vocab_size", "d_model", "encoder", "decoder", *own):
-            raise ValueError(f"{part} section key {key!r} cannot be set per stack of an encoder-decoder; "
-                             f"set it at the top level (or not at all)")
+            raise ValueError(f"{part} section key {key!r} cannot be set per stack of an "
+                             f"encoder-decoder; set it at the top level (or not at all)")
     try:
         return dataclasses.replace(cfg, encoder=None, decoder=None, **own, **section)
     except ValueError as e:  # say which stack: the same key may be fine at the top level
@@ -273,11 +335,12 @@ def stack_config(cfg: Config, part: str) -> Config:
 
 
 def layer_types(cfg: Config) -> list:
-    """Per-layer (mixer, ffn) names: the patterns tiled over n_layer (Gemma 3: 5 local_attn, 1 attn)."""
+    """Per-layer (mixer, ffn) names: the patterns tiled over n_layer (Gemma 3: 5 local, 1 full)."""
     mix = {"softmax": cfg.layer_pattern, "linear": ("deltanet",),
            "hybrid": ("deltanet",) * cfg.hybrid_ratio + ("attn",)}[cfg.attention_type]
     if cfg.block_width:
-        mix = ["recurrent" if i in cfg.recurrent_layers else "block_attn" for i in range(cfg.n_layer)]
+        mix = ["recurrent" if i in cfg.recurrent_layers else "block_attn"
+               for i in range(cfg.n_layer)]
     ffn = cfg.ffn_pattern
     return [(mix[i % len(mix)], ffn[i % len(ffn)]) for i in range(cfg.n_layer)]
 
@@ -287,7 +350,7 @@ def layer_types(cfg: Config) -> list:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467), computed in fp32. unit_offset: Gemma's (1+w)."""
+    """RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467), in fp32; unit_offset: Gemma's (1 + w)."""
 
     def __init__(self, dim, eps, unit_offset=False):
         super().__init__()
@@ -296,43 +359,177 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         if self.unit_offset:  # Gemma: scale in fp32, then cast
-            return F.rms_norm(x.float(), x.shape[-1:], 1.0 + self.weight.float(), self.eps).type_as(x)
+            w = 1.0 + self.weight.float()
+            return F.rms_norm(x.float(), x.shape[-1:], w, self.eps).type_as(x)
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], None, self.eps).type_as(x)  # Llama
 
 
-NORMS = {  # (dim, cfg) -> module
-    "layernorm": lambda dim, cfg: nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias),  # arXiv:1607.06450
+NORMS = {  # (dim, cfg) -> module. LayerNorm: Ba et al. 2016, arXiv:1607.06450
+    "layernorm": lambda dim, cfg: nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias),
     "rmsnorm": lambda dim, cfg: RMSNorm(dim, cfg.norm_eps, cfg.norm_unit_offset),
 }
 PLACEMENTS = ("pre", "post", "sandwich")
 
 # ----------------------------------------------------------------------------------------------
-# 2. Building blocks: positions
+# 2. Building blocks: positions. A scheme is one class with up to three hooks (absolute table,
+# rotary, score bias) and one POSITIONS entry; the model calls only the hooks, never the name.
+
+
+class Position(nn.Module):
+    """A position scheme. Each hook returns None where the scheme does nothing (this base class,
+    position: none, does nothing at all: causal attention alone orders the tokens).
+
+        table(pos)                  (T, E) added to the token embeddings (absolute schemes)
+        rotary(pos, mixer)          (cos, sin), each (T, rd), rotating q and k (RoPE)
+        score_bias(qpos, kpos)      what each layer adds to its attention scores, once per call
+        layer_bias(bias, attn, q, k)  one layer's (1 or B, nh, T, S) scores bias from that:
+                                    the call's bias itself, or (DeBERTa) made from its q and k
+    """
+    key = "nopos"      # the model's attribute holding the scheme: the prefix of its weights' names
+    bounded = False    # positions end at block_size (a table of that many rows)
+
+    def __init__(self, cfg: Config, width: int):
+        super().__init__()
+
+    @classmethod
+    def check(cls, cfg: Config):  # one-line ValueErrors for the fields this scheme reads
+        pass
+
+    def table(self, pos):
+        return None
+
+    def rotary(self, pos, mixer):
+        return None
+
+    def score_bias(self, qpos, kpos):
+        return None
+
+    def layer_bias(self, bias, attn, q, k):
+        return bias
 
 
 def sinusoidal_table(n_pos, dim):
     """The fixed sin/cos table of "Attention Is All You Need" (arXiv:1706.03762), laid out as Marian
-    has it: sines in the first half of the channels, cosines in the second. Computed in float64 as Marian
-    does, so the fp32 table is the same to the last bit (fp32 angles are off by ~1e-6 at position 64)."""
-    pos = torch.arange(n_pos, dtype=torch.float64)[:, None]                              # (P, 1)
-    inv = 10000.0 ** -(torch.arange(0, dim, 2, dtype=torch.float64) / dim)              # (C/2,)
-    return torch.cat((torch.sin(pos * inv), torch.cos(pos * inv)), dim=-1).float()       # (P, C)
+    has it: sines in the first half of the channels, cosines in the second. Computed in float64 as
+    Marian does, so the fp32 table is the same to the last bit (fp32 angles drift by ~1e-6)."""
+    pos = torch.arange(n_pos, dtype=torch.float64)[:, None]                  # (P, 1)
+    inv = 10000.0 ** -(torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (C/2,)
+    return torch.cat((torch.sin(pos * inv), torch.cos(pos * inv)), dim=-1).float()  # (P, C)
 
 
-POSITIONS = ("learned", "sinusoidal", "rope", "relative_bias", "disentangled", "dynamic_bias", "none")  # absolute ones: added
+class LearnedPosition(Position):
+    """Learned absolute positions (GPT-2, BERT); BART's ids start at pos_offset = 2."""
+    key, bounded = "wpe", True
+
+    def __init__(self, cfg: Config, width: int):
+        super().__init__(cfg, width)
+        self.offset = cfg.pos_offset
+        rows = cfg.block_size + cfg.pos_offset
+        self.weight = nn.Parameter(torch.randn(rows, width) * cfg.init_std)
+
+    def table(self, pos):
+        return self.weight[pos + self.offset]                                 # (T, E)
 
 
-class RelativeBias(nn.Module):
-    """T5's learned per-head bias on log-spaced buckets of key - query distance (Raffel et al. 2019,
-    arXiv:1910.10683). Bidirectional stacks split the buckets between the two signs."""
+class SinusoidalPosition(Position):
+    """Fixed sinusoids added to the embeddings (Vaswani et al. 2017, arXiv:1706.03762; Marian)."""
+    key, bounded = "wpe", True
 
-    def __init__(self, cfg: Config):
-        super().__init__()
+    def __init__(self, cfg: Config, width: int):
+        super().__init__(cfg, width)
+        self.register_buffer("sinusoids", sinusoidal_table(cfg.block_size, width), persistent=False)
+
+    def table(self, pos):
+        return self.sinusoids[pos]                                            # (T, E)
+
+
+def rope_linear(inv, cfg, pos):  # position interpolation (Chen et al. 2023, arXiv:2306.15595)
+    return inv / cfg.rope_factor
+
+
+def rope_dynamic(inv, cfg, pos):  # NTK-aware: raise the base once the call outgrows the context
+    seq_len = int(pos.max()) + 1
+    if seq_len <= cfg.rope_original_max_len:
+        return inv
+    d, f = cfg.rope_dim, cfg.rope_factor
+    grow = (f * seq_len / cfg.rope_original_max_len - (f - 1)) ** (d / (d - 2))
+    return inv / grow ** (torch.arange(0, d, 2, dtype=torch.float32, device=inv.device) / d)
+
+
+def rope_llama3(inv, cfg, pos):  # Llama 3.1: slow down only the low-frequency band
+    wavelen = 2 * math.pi / inv
+    lo, hi = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    s = (cfg.rope_original_max_len / wavelen - lo) / (hi - lo)
+    mid = (1 - s) * inv / cfg.rope_factor + s * inv
+    return torch.where(wavelen > cfg.rope_original_max_len / lo, inv / cfg.rope_factor,
+                       torch.where(wavelen < cfg.rope_original_max_len / hi, inv, mid))
+
+
+ROPE_SCALINGS = {"none": lambda inv, cfg, pos: inv, "linear": rope_linear,
+                 "dynamic": rope_dynamic, "llama3": rope_llama3}
+
+
+class RoPE(Position):
+    """RoPE (Su et al. 2021, arXiv:2104.09864) on q and k, HF's split-halves form (channel i pairs
+    with i + rd/2). Sliding-window layers may use another base, unscaled (Gemma 3)."""
+    key = "rope"
+
+    def __init__(self, cfg: Config, width: int):
+        super().__init__(cfg, width)
+        self.cfg, local = cfg, cfg.rope_local_theta
+        exponents = torch.arange(0, cfg.rope_dim, 2, dtype=torch.float32) / cfg.rope_dim
+        self.register_buffer("inv_freq", cfg.rope_theta ** -exponents, persistent=False)  # (rd/2,)
+        self.register_buffer("inv_freq_local", (local or cfg.rope_theta) ** -exponents,
+                             persistent=False)
+        self.scalings = {"global": cfg.rope_scaling, "local": "none" if local else cfg.rope_scaling}
+
+    @classmethod
+    def check(cls, cfg):
+        if cfg.rope_dim % 2:
+            raise ValueError(f"RoPE needs an even number of rotated channels, got {cfg.rope_dim} "
+                             f"(head_dim={cfg.hs}, rope_fraction={cfg.rope_fraction}); use an "
+                             f"even head_dim")
+        if cfg.rope_scaling == "llama3" and cfg.rope_high_freq_factor <= cfg.rope_low_freq_factor:
+            raise ValueError(f"rope_high_freq_factor={cfg.rope_high_freq_factor} must exceed "
+                             f"rope_low_freq_factor={cfg.rope_low_freq_factor}")
+
+    def rotary(self, pos, mixer):                                             # pos: (T,)
+        kind = "local" if mixer == "local_attn" else "global"
+        inv = self.inv_freq_local if kind == "local" else self.inv_freq
+        f = pos.float()[:, None] * ROPE_SCALINGS[self.scalings[kind]](inv, self.cfg, pos)
+        f = torch.cat((f, f), dim=-1)                                         # (T, rd)
+        return f.cos(), f.sin()
+
+
+def apply_rope(x, cos, sin):                         # x: (B, nh, T, hs); cos, sin: (T, rd)
+    rd = cos.shape[-1]
+    if rd < x.shape[-1]:                             # partial RoPE rotates the first rd channels
+        return torch.cat((apply_rope(x[..., :rd], cos, sin), x[..., rd:]), dim=-1)
+    rotated = torch.cat((-x[..., rd // 2:], x[..., :rd // 2]), dim=-1)       # rotate_half
+    return (x * cos + rotated * sin).type_as(x)
+
+
+class RelativeBias(Position):
+    """T5's learned per-head bias on log-spaced buckets of key - query distance (Raffel et al.
+    2019, arXiv:1910.10683), one table per stack; bidirectional stacks split the buckets in two."""
+    key = "rel_bias"
+
+    def __init__(self, cfg: Config, width: int):
+        super().__init__(cfg, width)
         self.bidirectional = cfg.architecture == "encoder_only"
         self.buckets, self.max_distance = cfg.rel_buckets, cfg.rel_max_distance
         self.bias = nn.Embedding(cfg.rel_buckets, cfg.n_head)
 
-    def forward(self, rel):                                  # rel: (T, S) key position - query position
+    @classmethod
+    def check(cls, cfg):
+        exact = cfg.rel_buckets // (4 if cfg.architecture == "encoder_only" else 2)
+        if exact < 1 or cfg.rel_max_distance <= exact:
+            raise ValueError(f"relative_bias needs rel_buckets={cfg.rel_buckets} >= 4 (2 in a "
+                             f"decoder) and rel_max_distance={cfg.rel_max_distance} above the "
+                             f"{exact} exact buckets")
+
+    def score_bias(self, qpos, kpos):
+        rel = kpos[None, :] - qpos[:, None]                  # (T, S) key position - query position
         nb, bucket = self.buckets, torch.zeros_like(rel)
         if self.bidirectional:
             nb //= 2
@@ -340,117 +537,205 @@ class RelativeBias(nn.Module):
         else:
             n = (-rel).clamp(min=0)
         exact = nb // 2                                      # small distances get a bucket each
-        log = exact + (torch.log(n.float().clamp(min=1) / exact) / math.log(self.max_distance / exact)
-                       * (nb - exact)).long()
+        log = exact + (torch.log(n.float().clamp(min=1) / exact)
+                       / math.log(self.max_distance / exact) * (nb - exact)).long()
         bucket = bucket + torch.where(n < exact, n, log.clamp(max=nb - 1))
-        return self.bias(bucket).permute(2, 0, 1)[None]      # (1, nh, T, S)
-
-
-def rope_linear(inv, cfg, seq_len):  # position interpolation (Chen et al. 2023, arXiv:2306.15595)
-    return inv / cfg.rope_factor
-
-
-def rope_dynamic(inv, cfg, seq_len):  # NTK-aware: raise the base once the call outgrows the context
-    if seq_len <= cfg.rope_original_max_len:
-        return inv
-    d = cfg.rope_dim
-    grow = (cfg.rope_factor * seq_len / cfg.rope_original_max_len - (cfg.rope_factor - 1)) ** (d / (d - 2))
-    return inv / grow ** (torch.arange(0, d, 2, dtype=torch.float32, device=inv.device) / d)
-
-
-def rope_llama3(inv, cfg, seq_len):  # Llama 3.1: slow down only the low-frequency band
-    wavelen = 2 * math.pi / inv
-    lo_wl = cfg.rope_original_max_len / cfg.rope_low_freq_factor
-    hi_wl = cfg.rope_original_max_len / cfg.rope_high_freq_factor
-    s = (cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor) / (
-        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
-    mid = (1 - s) * inv / cfg.rope_factor + s * inv
-    return torch.where(wavelen > lo_wl, inv / cfg.rope_factor, torch.where(wavelen < hi_wl, inv, mid))
-
-
-ROPE_SCALINGS = {"none": lambda inv, cfg, seq_len: inv, "linear": rope_linear,
-                 "dynamic": rope_dynamic, "llama3": rope_llama3}
-
-
-class Rotary(nn.Module):
-    """RoPE (Su et al. 2021, arXiv:2104.09864), HF's split-halves form: channel i pairs with i + d/2."""
-
-    def __init__(self, cfg, theta, scaling):
-        super().__init__()
-        self.cfg, self.scale = cfg, ROPE_SCALINGS[scaling]
-        inv = theta ** -(torch.arange(0, cfg.rope_dim, 2, dtype=torch.float32) / cfg.rope_dim)
-        self.register_buffer("inv_freq", inv, persistent=False)                        # (rd/2,)
-
-    def forward(self, pos):                                                              # pos: (T,)
-        inv = self.scale(self.inv_freq, self.cfg, int(pos.max()) + 1)
-        f = pos.float()[:, None] * inv                                                   # (T, rd/2)
-        f = torch.cat((f, f), dim=-1)                                                    # (T, rd)
-        return f.cos(), f.sin()
-
-
-def apply_rope(x, cos, sin):                         # x: (B, nh, T, hs); cos, sin: (T, rd)
-    rd = cos.shape[-1]
-    if rd < x.shape[-1]:                             # partial RoPE rotates the first rd channels only
-        return torch.cat((apply_rope(x[..., :rd], cos, sin), x[..., rd:]), dim=-1)
-    rotated = torch.cat((-x[..., rd // 2:], x[..., :rd // 2]), dim=-1)  # rotate_half
-    return (x * cos + rotated * sin).type_as(x)
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. Building blocks: attention
+        bias = self.bias(bucket).permute(2, 0, 1)[None]      # (1, nh, T, S)
+        return bias.contiguous()  # once here, not in every layer's attention kernel
 
 
 def deberta_buckets(rel, span, max_distance):
-    """DeBERTa's relative index of query - key distance rel: exact within span/2, log-spaced beyond,
-    shifted into [0, 2*span) rows of the relative embedding table."""
+    """DeBERTa's relative index of query - key distance rel: exact within span/2, log-spaced
+    beyond, shifted into [0, 2*span) rows of the relative embedding table."""
     mid = span // 2
-    far = rel.abs().clamp(min=mid - 1).float()                 # |rel| < mid never takes this branch
+    far = rel.abs().clamp(min=mid - 1).float()                # |rel| < mid never takes this branch
     log = torch.ceil(torch.log(far / mid) / math.log((max_distance - 1) / mid) * (mid - 1)) + mid
     bucket = torch.where(rel.abs() <= mid, rel, (log * rel.sign()).long())
     return (bucket + span).clamp(0, 2 * span - 1)
 
 
+class Disentangled(Position):
+    """DeBERTa's disentangled attention (He et al. 2020, arXiv:2006.03654): content-to-position
+    q_i·Kr[idx(i,j)] plus position-to-content k_j·Qr[idx(i,j)], Kr and Qr the normed relative
+    embeddings through each layer's own key and query projections, scaled like q·k."""
+    key = "rel_embeddings"
+
+    def __init__(self, cfg: Config, width: int):
+        super().__init__(cfg, width)
+        self.span, self.max_distance = cfg.rel_buckets, cfg.rel_max_distance
+        self.weight = nn.Parameter(torch.randn(2 * cfg.rel_buckets, cfg.d_model) * cfg.init_std)
+        self.norm = NORMS[cfg.norm](cfg.d_model, cfg)
+
+    @classmethod
+    def check(cls, cfg):
+        if cfg.kv_heads != cfg.n_head or cfg.attn_gate or cfg.rel_buckets < 2 or (
+                cfg.rel_max_distance - 1 <= cfg.rel_buckets // 2):
+            raise ValueError(f"disentangled attention needs n_kv_head = n_head, no attn_gate, "
+                             f"rel_buckets={cfg.rel_buckets} >= 2 and rel_max_distance="
+                             f"{cfg.rel_max_distance} > rel_buckets/2 + 1")
+
+    def score_bias(self, qpos, kpos):  # the normed table and each (query, key) pair's row in it
+        rel = qpos[:, None] - kpos[None, :]                                   # (T, S)
+        return self.norm(self.weight), deberta_buckets(rel, self.span, self.max_distance)
+
+    def layer_bias(self, bias, attn, q, k):
+        (R, idx), (B, nh, T, hs), S = bias, q.shape, k.shape[2]
+        Qr = attn.q_proj(R).view(1, -1, nh, hs).transpose(1, 2)              # (1, nh, 2span, hs)
+        Kr = attn.k_proj(R).view(1, -1, nh, hs).transpose(1, 2)
+        index = idx.expand(B, nh, T, S)
+        c2p = (q @ Kr.transpose(-1, -2)).gather(-1, index)                   # (B, nh, T, S)
+        p2c = (k @ Qr.transpose(-1, -2)).gather(-1, index.transpose(-1, -2)).transpose(-1, -2)
+        return (c2p + p2c) * attn.scale
+
+
+def alibi_slopes(n):
+    """ALiBi's head slopes 2^(-8i/n), i = 1..n, for n a power of two; otherwise those of the power
+    of two below n, then every other slope of the power above (the paper's code)."""
+    p = 2 ** math.floor(math.log2(n))
+    slopes = [2 ** (-8 * i / p) for i in range(1, p + 1)]
+    return slopes + alibi_slopes(2 * p)[0::2][:n - p] if p < n else slopes
+
+
+class ALiBi(Position):
+    """ALiBi (Press et al. 2021, arXiv:2108.12409): no position embedding; head h adds
+    -m_h * (query position - key position) to its scores (-m_h * |distance| in encoders)."""
+    key = "alibi"
+
+    def __init__(self, cfg: Config, width: int):
+        super().__init__(cfg, width)
+        self.bidirectional = cfg.architecture == "encoder_only"
+        slopes = torch.tensor(alibi_slopes(cfg.n_head))[:, None, None]       # (nh, 1, 1)
+        self.register_buffer("slopes", slopes, persistent=False)
+
+    def score_bias(self, qpos, kpos):
+        dist = (qpos[:, None] - kpos[None, :]).float()                        # (T, S)
+        return -(self.slopes * (dist.abs() if self.bidirectional else dist))[None]  # (1, nh, T, S)
+
+
+class LayerOwnedBias(Position):
+    """position: dynamic_bias. Each block-recurrent layer owns its bias (DynamicPositionBias)."""
+    key = "layer_bias"
+
+    @classmethod
+    def check(cls, cfg):
+        if not cfg.block_width:
+            raise ValueError("position='dynamic_bias' is built into block-recurrent layers; set "
+                             "block_width > 0 or pick another position")
+
+
+POSITIONS = {"learned": LearnedPosition, "sinusoidal": SinusoidalPosition, "rope": RoPE,
+             "relative_bias": RelativeBias, "disentangled": Disentangled, "alibi": ALiBi,
+             "dynamic_bias": LayerOwnedBias, "none": Position}
+
+# ----------------------------------------------------------------------------------------------
+# 2. Building blocks: attention, its KV cache and its mask
+
+
 class Context(NamedTuple):
-    """What every layer of one type needs to know about the current call, built once per forward."""
-    pos: torch.Tensor        # (T,) absolute positions of the new tokens
-    rope: tuple | None       # (cos, sin), each (T, rd), or None without RoPE
-    mask: torch.Tensor | None  # bool, True = attend, broadcast to (B, nh, T, S); None = causal or no mask
-    use_cache: bool          # attend over the cache slots (decode) instead of the new keys (prefill)
-    causal: bool = True      # with mask None: causal (decoders) or attend everywhere (encoders)
+    """What the layers of one mixer type read about the current call, built once per forward."""
+    pos: torch.Tensor                  # (T,) absolute positions of the new tokens
+    kpos: torch.Tensor                 # (S,) positions of the keys: pos itself, or the cache slots'
+    causal: bool                       # a query sees no later key (decoders)
+    decoding: bool = False             # attend over the cache (a call after the prefill)
+    pad: torch.Tensor | None = None    # (B, 1, 1, S) bool, False = a padding key, never attended
+    rope: tuple | None = None          # (cos, sin), each (T, rd)
+    bias: object = None                # the position scheme's score_bias(pos, kpos)
+    position: Position | None = None   # the scheme, which makes each layer's bias (layer_bias)
     memory: torch.Tensor | None = None  # cross-attention: the encoder output (B, S, C)
-    rel_pos: tuple | None = None  # disentangled attention: normed relative embeddings (2span, C), index (T, T)
-    pad: torch.Tensor | None = None  # deltanet: (B, T) 1 = token, 0 = padding, zeroed before the projections
-    keys: int | None = None  # decode: read only the first `keys` cache slots, the ones written so far
+
+
+class KVCache(nn.Module):
+    """Static, preallocated keys and values of one attention layer, (B, nkv, S, hs). With `window`
+    it is a ring buffer of `window` slots (position p in slot p % window): a sliding-window layer
+    keeps only the keys it can still see."""
+
+    def __init__(self, batch_size, n_kv_head, max_len, head_dim, window=None, dtype=None,
+                 device=None):
+        super().__init__()
+        self.slots = min(max_len, window) if window else max_len
+        shape = (batch_size, n_kv_head, self.slots, head_dim)               # (B, nkv, S, hs)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def write(self, pos, k, v):       # pos: (T,) absolute positions; k, v: (B, nkv, T, hs)
+        if len(pos) > 1 and int(pos[0]) > 0 and int(pos[-1]) >= self.slots:
+            raise ValueError(f"a {len(pos)}-token chunk at position {int(pos[0])} would overwrite "
+                             f"ring-buffer slots it still reads; prefill from position 0, then "
+                             f"decode one token at a time")
+        if len(pos) > self.slots:     # a prefill longer than the window keeps only its last slots
+            pos, k, v = pos[-self.slots:], k[:, :, -self.slots:], v[:, :, -self.slots:]
+        slot = pos % self.slots       # the identity unless this is a sliding-window layer
+        self.k.index_copy_(2, slot, k.to(self.k.dtype))
+        self.v.index_copy_(2, slot, v.to(self.v.dtype))
+
+    def read(self, n):                # the first n slots (the written ones): (B, nkv, n, hs) each
+        return self.k[:, :, :n], self.v[:, :, :n]
+
+    def positions(self, last):
+        """The absolute position each written slot holds once position `last` is written: (S,).
+        Only the written slots are read, so a step costs O(length so far), not O(max_len)."""
+        n = min(self.slots, last + 1)
+        return last - (last - torch.arange(n, device=self.k.device)) % self.slots
+
+
+def attention_mask(qpos, kpos, causal, window=None, pad=None, bias=None):
+    """What attend() applies to the scores of queries at qpos (T,) over keys at kpos (S,), as
+    (mask, is_causal). mask is bool (True = attend), (T, S), or with key padding pad (B, 1, 1, S)
+    (B, 1, T, S); given a float bias (.., T, S) it is the bias with -inf where masked. It is None
+    where nothing needs masking: every key is visible (an encoder without padding; one query after
+    all the keys, none of them a window or more back, as in a ring buffer of at most `window`
+    slots), or the mask is causal over the call's own keys, which the fused kernels apply
+    themselves (is_causal)."""
+    T, S = len(qpos), len(kpos)
+    all_near = pad is None and (window is None or S <= window)   # no key can be `window` back
+    if all_near and (not causal or T == 1):
+        return bias, False
+    if all_near and bias is None and qpos is kpos:
+        return None, True
+    keep = pad if pad is not None else True                                  # (B, 1, 1, S)
+    if causal or window is not None:
+        rel = kpos[None, :] - qpos[:, None]                                   # (T, S) key - query
+        if causal:
+            keep = keep & (rel <= 0)
+        if window is not None:  # `window` keys: the query's own and those before (around) it
+            keep = keep & (rel > -window if causal else rel.abs() < window)
+    return (keep if bias is None else bias.masked_fill(~keep, float("-inf"))), False
 
 
 def attend(q, k, v, mask=None, causal=False, scale=None, softcap=None, dropout=0.0):
-    """softmax(q·kᵀ·scale [softcap] + mask)·v. q: (B, nh, T, hs); k, v: (B, nkv, S, hs).
-    mask: bool (True = attend) or float (added); causal applies only without a mask."""
-    causal = causal and mask is None
-    if softcap is None:  # torch's fused kernels (flash on GPU where the mask allows); a float mask is added
+    """softmax(q·kᵀ·scale [softcapped] + mask)·v. q: (B, nh, T, hs); k, v: (B, nkv, S, hs).
+    mask: bool (True = attend) or float (added), from attention_mask; causal: no mask, and query i
+    sees keys 0..i (the call's own tokens)."""
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)       # a position bias kept in fp32 under autocast
+    if softcap is None:  # torch's fused kernels (flash on GPU where the mask allows)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                               is_causal=causal, scale=scale, enable_gqa=True)
-    g = q.shape[1] // k.shape[1]                     # repeat_kv: kv head h serves q heads h*g..h*g+g-1
+    g = q.shape[1] // k.shape[1]      # repeat_kv: kv head h serves q heads h*g .. h*g+g-1
     k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-    s = (q @ k.transpose(-2, -1)) * scale            # (B, nh, T, S)
+    s = (q @ k.transpose(-2, -1)) * scale                                     # (B, nh, T, S)
     s = softcap * torch.tanh(s / softcap)
     if causal:
-        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-    if mask is not None:
+        mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    if mask is not None and mask.dtype == torch.bool:
         s = s.masked_fill(~mask, torch.finfo(s.dtype).min)
+    elif mask is not None:
+        s = s + mask
     p = F.dropout(F.softmax(s.float(), dim=-1).type_as(q), dropout)
-    return p @ v                                     # (B, nh, T, hs)
+    return p @ v                                                              # (B, nh, T, hs)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention (arXiv:1706.03762) with GQA/MQA (arXiv:2305.13245), QK-norm,
-    softcap and sliding window (Mistral, arXiv:2310.06825) chosen by the config."""
+    """Multi-head attention (arXiv:1706.03762) with GQA/MQA (arXiv:2305.13245), QK-norm, softcap,
+    an output gate (Qiu et al. 2025, arXiv:2505.06708) and, in local_attn layers, a sliding window
+    of `window` keys (Mistral, arXiv:2310.06825; Gemma 2/3)."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, window=None):
         super().__init__()
-        self.nh, self.nkv, self.hs = cfg.n_head, cfg.kv_heads, cfg.hs
-        self.gated = cfg.attn_gate    # q_proj then yields [q_h | gate_h] per head, as HF Qwen3-Next lays it out
-        self.q_proj = nn.Linear(cfg.d_model, self.nh * self.hs * (2 if self.gated else 1), bias=cfg.bias)
+        self.nh, self.nkv, self.hs, self.window = cfg.n_head, cfg.kv_heads, cfg.hs, window
+        self.gated = cfg.attn_gate    # q_proj then yields [q_h | gate_h] per head (HF Qwen3-Next)
+        q_out = self.nh * self.hs * (2 if self.gated else 1)
+        self.q_proj = nn.Linear(cfg.d_model, q_out, bias=cfg.bias)
         self.k_proj = nn.Linear(cfg.d_model, self.nkv * self.hs, bias=cfg.bias)
         self.v_proj = nn.Linear(cfg.d_model, self.nkv * self.hs, bias=cfg.bias)
         self.o_proj = nn.Linear(self.nh * self.hs, cfg.d_model, bias=cfg.bias)
@@ -460,78 +745,89 @@ class Attention(nn.Module):
         self.softcap, self.dropout = cfg.attn_softcap, cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, ctx: Context, cache=None):                       # x: (B, T, C)
+    def forward(self, x, ctx: Context, cache=None):                           # x: (B, T, C)
         B, T, _ = x.shape
-        qg = self.q_proj(x).view(B, T, self.nh, -1)                                     # (B, T, nh, hs or 2*hs)
-        q, gate = qg[..., :self.hs], qg[..., self.hs:]                                   # gate empty unless gated
-        q = self.q_norm(q).transpose(1, 2)                                               # (B, nh, T, hs)
+        qg = self.q_proj(x).view(B, T, self.nh, -1)                   # (B, T, nh, hs or 2*hs)
+        q, gate = qg[..., :self.hs], qg[..., self.hs:]                # gate empty unless gated
+        q = self.q_norm(q).transpose(1, 2)                            # (B, nh, T, hs)
         if ctx.rope is not None:
             q = apply_rope(q, *ctx.rope)
-        k, v, ctx = self.keys_values(x, ctx, cache)                                      # (B, nkv, S, hs)
-        if ctx.rel_pos is not None:
-            ctx = ctx._replace(mask=self.disentangled_bias(q, k, *ctx.rel_pos, ctx.mask))
-        y = attend(q, k, v, ctx.mask, ctx.causal, self.scale, self.softcap, self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hs)                          # (B, T, nh*hs)
-        if self.gated:  # gated attention (Qiu et al. 2025, arXiv:2505.06708)
+        k, v, mask, causal = self.keys_and_mask(x, q, ctx, cache)     # (B, nkv, S, hs) each
+        dropout = self.dropout if self.training else 0.0
+        y = attend(q, k, v, mask, causal, self.scale, self.softcap, dropout)
+        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hs)        # (B, T, nh*hs)
+        if self.gated:
             y = y * torch.sigmoid(gate.reshape(B, T, -1))
         return self.resid_drop(self.o_proj(y))
 
-    def disentangled_bias(self, q, k, R, idx, pad):
-        """DeBERTa (He et al. 2020, arXiv:2006.03654): content-to-position q_i·Kr[idx(i,j)] plus
-        position-to-content k_j·Qr[idx(i,j)], with Kr, Qr the relative embeddings R through this
-        layer's own key and query projections; scaled like q·k and added as a float mask."""
-        B, nh, T, hs = q.shape
-        Qr = self.q_proj(R).view(1, -1, nh, hs).transpose(1, 2)              # (1, nh, 2span, hs)
-        Kr = self.k_proj(R).view(1, -1, nh, hs).transpose(1, 2)
-        index = idx.expand(B, nh, T, T)
-        c2p = (q @ Kr.transpose(-1, -2)).gather(-1, index)                   # (B, nh, T, T)
-        p2c = (k @ Qr.transpose(-1, -2)).gather(-1, index.transpose(-1, -2)).transpose(-1, -2)
-        bias = (c2p + p2c) * self.scale
-        return bias if pad is None else bias.masked_fill(~pad, float("-inf"))
-
-    def project_kv(self, src):                                            # src: (B, S, C)
+    def project_kv(self, src, rope=None):                             # src: (B, S, C)
         B, S, _ = src.shape
-        k = self.k_norm(self.k_proj(src).view(B, S, self.nkv, self.hs)).transpose(1, 2)   # (B, nkv, S, hs)
-        return k, self.v_proj(src).view(B, S, self.nkv, self.hs).transpose(1, 2)
+        k = self.k_norm(self.k_proj(src).view(B, S, self.nkv, self.hs)).transpose(1, 2)
+        v = self.v_proj(src).view(B, S, self.nkv, self.hs).transpose(1, 2)
+        return (k if rope is None else apply_rope(k, *rope)), v       # (B, nkv, S, hs) each
 
-    def keys_values(self, x, ctx, cache):
-        """Self-attention: the new tokens' keys (RoPE'd), written to the cache; decoding reads the written slots."""
-        k, v = self.project_kv(x)
-        if ctx.rope is not None:
-            k = apply_rope(k, *ctx.rope)
-        if cache is None:
-            return k, v, ctx
-        k_all, v_all = cache.update(ctx.pos, k, v)
-        return (k_all[:, :, :ctx.keys], v_all[:, :, :ctx.keys], ctx) if ctx.use_cache else (k, v, ctx)
+    def keys_and_mask(self, x, q, ctx, cache):
+        """The keys and values the queries attend, and the mask. This call's keys are written to
+        the cache; decoding then reads every slot written so far (ctx.kpos says which positions)."""
+        k, v = self.project_kv(x, ctx.rope)                           # (B, nkv, T, hs)
+        if cache is not None:
+            cache.write(ctx.pos, k, v)
+            if ctx.decoding:
+                k, v = cache.read(len(ctx.kpos))                      # (B, nkv, S, hs)
+        bias = None if ctx.bias is None else ctx.position.layer_bias(ctx.bias, self, q, k)
+        return k, v, *attention_mask(ctx.pos, ctx.kpos, ctx.causal, self.window, ctx.pad, bias)
+
+
+class CrossKV:
+    """A decoder layer's cross-attention keys and values, from the encoder output at prefill."""
+    k = v = None
+
+    def store(self, k, v):
+        self.k, self.v = k, v
 
 
 class CrossAttention(Attention):
-    """Decoder-to-encoder attention (arXiv:1706.03762): keys and values come from the encoder output
-    and are computed once per generation, then read from the cache."""
+    """Decoder-to-encoder attention (arXiv:1706.03762): keys and values come from the encoder
+    output, computed once per generation and then read from the cache."""
 
-    def keys_values(self, x, ctx, cache):
-        if cache is not None and ctx.use_cache:
-            return cache.k, cache.v, ctx
-        k, v = self.project_kv(ctx.memory)                                # (B, nkv, S, hs)
-        if cache is not None:
-            cache.k, cache.v = k, v
-        return k, v, ctx
+    def keys_and_mask(self, x, q, ctx, cache):
+        if cache is not None and ctx.decoding:
+            k, v = cache.k, cache.v
+        else:
+            k, v = self.project_kv(ctx.memory)                        # (B, nkv, S, hs)
+            if cache is not None:
+                cache.store(k, v)
+        return k, v, *attention_mask(ctx.pos, ctx.kpos, False, pad=ctx.pad)
 
 
 # ----------------------------------------------------------------------------------------------
 # 2. Building blocks: Block-Recurrent Transformer (Hutchins et al. 2022, arXiv:2203.07852).
 # Tokens come in blocks of block_width; each sees its own block up to itself and the whole previous
-# block, which may come from the previous call (XL memory). With compress_factor c, the blocks before
-# that are kept too, mean-pooled c:1 into compressed slots (Compressive Transformer). Recurrent layers
-# also carry n_states state vectors: tokens read the states of the block's start; after the block,
-# the states attend to themselves and to the block's tokens and pass through gates into their next value.
+# block, which may come from the previous call (XL memory). With compress_factor c, the blocks
+# before that are kept too, mean-pooled c:1 into compressed slots (Compressive Transformer).
+# Recurrent layers also carry n_states state vectors: tokens read the states of the block's start;
+# after the block, the states attend to themselves and to its tokens and gate into their next value.
 
 
 class BlockMemory:
     """What a block-recurrent layer carries from one call to the next: keys/values (and positions)
-    from the previous block on, the last compress_slots compressed slots (keys, values, first positions);
-    recurrent layers add their states and the current block's tokens."""
+    from the previous block on, the last compress_slots compressed slots (keys, values, first
+    positions); recurrent layers add their states and the current block's tokens."""
     k = v = pos = ck = cv = cpos = states = block_k = block_v = block_pos = None
+
+    def store(self, k, v, pos):                 # the keys the next call's first token still sees
+        self.k, self.v, self.pos = k, v, pos
+
+    def store_compressed(self, ck, cv, cpos, slots):
+        """Append new compressed slots to the carried ones, keep the last `slots`; return all."""
+        if self.ck is not None:
+            ck, cv, cpos = (torch.cat((self.ck, ck), 2), torch.cat((self.cv, cv), 2),
+                            torch.cat((self.cpos, cpos)))
+        self.ck, self.cv, self.cpos = ck[:, :, -slots:], cv[:, :, -slots:], cpos[-slots:]
+        return ck, cv, cpos
+
+    def store_states(self, states, k, v, pos):  # the states, and the open block's keys so far
+        self.states, self.block_k, self.block_v, self.block_pos = states, k, v, pos
 
     def detach(self):  # truncated backprop between training segments
         for name in ("k", "v", "ck", "cv", "states", "block_k", "block_v"):
@@ -540,22 +836,23 @@ class BlockMemory:
 
 
 class DynamicPositionBias(nn.Module):
-    """A per-head attention bias from an MLP over the key distance (dynamic position bias, CrossFormer,
-    Wang et al. 2021, arXiv:2108.00154), on log distances as Swin v2 has them (arXiv:2111.09883), so a
-    compressed slot's fractional distance gets a bias too."""
+    """A per-head attention bias from an MLP over the key distance (dynamic position bias,
+    CrossFormer, Wang et al. 2021, arXiv:2108.00154), on log distances as Swin v2 has them
+    (arXiv:2111.09883), so a compressed slot's fractional distance gets a bias too."""
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(1, cfg.pos_bias_dim), nn.SiLU(), nn.Linear(cfg.pos_bias_dim, cfg.n_head))
+        self.mlp = nn.Sequential(nn.Linear(1, cfg.pos_bias_dim), nn.SiLU(),
+                                 nn.Linear(cfg.pos_bias_dim, cfg.n_head))
 
-    def forward(self, dist):                              # dist: (T, S) query - key position, >= 0 where attended
-        d, index = dist.clamp(min=0).unique(return_inverse=True)   # the MLP runs once per distinct distance
-        d = torch.log1p(d)[:, None].type_as(self.mlp[0].weight)            # distances stay exact in fp32
-        return self.mlp(d)[index].permute(2, 0, 1)[None]                   # (1, nh, T, S)
+    def forward(self, dist):                  # dist: (T, S) query - key position, >= 0 if attended
+        d, index = dist.clamp(min=0).unique(return_inverse=True)  # the MLP runs once per distance
+        d = torch.log1p(d)[:, None].type_as(self.mlp[0].weight)   # distances stay exact in fp32
+        return self.mlp(d)[index].permute(2, 0, 1)[None]          # (1, nh, T, S)
 
 
 class BlockAttention(Attention):
-    """Block-local causal attention with the previous block as memory, optionally older blocks compressed."""
+    """Block-local causal attention with the previous block as memory, older blocks compressed."""
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
@@ -563,44 +860,45 @@ class BlockAttention(Attention):
         self.memory_dropout = cfg.memory_dropout
         self.pos_bias = DynamicPositionBias(cfg) if cfg.position == "dynamic_bias" else None
 
-    def keys_values(self, x, ctx, cache):
-        w, qpos = self.width, ctx.pos[:, None]                                # qpos: (T, 1)
-        k, v, _ = super().keys_values(x, ctx, None)                           # new keys, RoPE'd
+    def keys_and_mask(self, x, q, ctx, cache):
+        w, qpos = self.width, ctx.pos[:, None]                               # qpos: (T, 1)
+        k, v = self.project_kv(x, ctx.rope)                                  # (B, nkv, T, hs)
         kpos = ctx.pos
-        if cache is not None and cache.k is not None:
-            k, v, kpos = torch.cat((cache.k, k), 2), torch.cat((cache.v, v), 2), torch.cat((cache.pos, kpos))
-        old = kpos < (int(ctx.pos[-1]) + 1) // w * w - w        # what the next call's first token no longer sees
-        mask = (kpos <= qpos) & (kpos // w >= qpos // w - 1)                  # (T, S)
-        at = kpos.float()                                                     # where each key sits
+        if cache is not None and cache.k is not None:                        # the XL memory
+            k, v, kpos = (torch.cat((cache.k, k), 2), torch.cat((cache.v, v), 2),
+                          torch.cat((cache.pos, kpos)))
+        old = kpos < (int(ctx.pos[-1]) + 1) // w * w - w   # what the next call's first token drops
+        mask = (kpos <= qpos) & (kpos // w >= qpos // w - 1)                 # (T, S)
+        at = kpos.float()                                                    # where each key sits
         if self.c:  # slots before a query's previous block: the last compress_slots of them
-            ck, cv, cpos = self.compress(k[:, :, old], v[:, :, old], kpos[old], cache)
+            ck, cv, cpos = self.compress(k[:, :, old], v[:, :, old], kpos[old])
+            if cache is not None:
+                ck, cv, cpos = cache.store_compressed(ck, cv, cpos, self.slots)
             edge = (qpos // w - 1) * w
-            mask = torch.cat(((cpos < edge) & (cpos >= edge - self.slots * self.c), mask), 1)   # (T, Sc + S)
-            at = torch.cat((cpos + (self.c - 1) / 2, at))                    # a slot sits at its tokens' mean
-        if cache is not None:  # keep what the next call's first token can still see
-            cache.k, cache.v, cache.pos = k[:, :, ~old], v[:, :, ~old], kpos[~old]
+            seen = (cpos < edge) & (cpos >= edge - self.slots * self.c)
+            mask = torch.cat((seen, mask), 1)                                # (T, Sc + S)
+            at = torch.cat((cpos + (self.c - 1) / 2, at))    # a slot sits at its tokens' mean
+        if cache is not None:
+            cache.store(k[:, :, ~old], v[:, :, ~old], kpos[~old])
         if self.c:
             k, v, kpos = torch.cat((ck, k), 2), torch.cat((cv, v), 2), torch.cat((cpos, kpos))
-        if self.training and self.memory_dropout:  # hide a block's whole memory from it, per sequence
-            qb = ctx.pos // w                                                                 # (T,)
-            drop = torch.rand(x.shape[0], int(qb[-1] - qb[0]) + 1, device=x.device) < self.memory_dropout
-            mask = mask & ~(drop[:, qb - qb[0], None] & (kpos // w < qb[:, None]))[:, None]  # (B, 1, T, S)
+        if self.training and self.memory_dropout:  # hide a block's whole memory, per sequence
+            qb = ctx.pos // w                                                # (T,)
+            n_blocks = int(qb[-1] - qb[0]) + 1
+            drop = torch.rand(x.shape[0], n_blocks, device=x.device) < self.memory_dropout
+            hidden = drop[:, qb - qb[0], None] & (kpos // w < qb[:, None])   # (B, T, S)
+            mask = mask & ~hidden[:, None]                                   # (B, 1, T, S)
         if self.pos_bias is not None:  # a float mask: the bias, and -inf where masked
             mask = self.pos_bias(qpos - at).masked_fill(~mask, float("-inf"))
-        return k, v, ctx._replace(mask=mask)
+        return k, v, mask, False
 
-    def compress(self, k, v, kpos, cache):
-        """Mean-pool keys/values leaving the XL memory c:1 (one of Rae et al. 2019's compression functions,
-        arXiv:1911.05507) onto the cached slots; the cache keeps the last compress_slots of them."""
-        n = len(kpos) // self.c                     # whole groups: a call without cache may start mid-group
+    def compress(self, k, v, kpos):
+        """Mean-pool keys/values c:1 (one of Rae et al. 2019's compression functions,
+        arXiv:1911.05507) -> (B, nkv, n, hs) twice and each slot's first position (n,)."""
+        n = len(kpos) // self.c            # whole groups: a call without cache may start mid-group
         cut = len(kpos) - n * self.c
-        ck, cv = (t[:, :, cut:].unflatten(2, (n, self.c)).mean(3) for t in (k, v))   # (B, nkv, n, hs)
-        cpos = kpos[cut::self.c]                                                        # (n,) first positions
-        if cache is not None and cache.ck is not None:
-            ck, cv, cpos = torch.cat((cache.ck, ck), 2), torch.cat((cache.cv, cv), 2), torch.cat((cache.cpos, cpos))
-        if cache is not None:
-            cache.ck, cache.cv, cache.cpos = ck[:, :, -self.slots:], cv[:, :, -self.slots:], cpos[-self.slots:]
-        return ck, cv, cpos
+        ck, cv = (t[:, :, cut:].unflatten(2, (n, self.c)).mean(3) for t in (k, v))
+        return ck, cv, kpos[cut::self.c]
 
 
 class StateGate(nn.Module):
@@ -610,11 +908,12 @@ class StateGate(nn.Module):
         super().__init__()
         C, self.lstm = cfg.d_model, cfg.state_gate == "lstm"
         self.z = nn.Linear(C, C)
-        self.i, self.f = (nn.Linear(C, C), nn.Linear(C, C)) if self.lstm else (nn.Identity(), nn.Identity())
-        self.i_bias = nn.Parameter(torch.full((C,), -1.0))                # input gate starts mostly shut
+        no_gate = (nn.Identity(), nn.Identity())
+        self.i, self.f = (nn.Linear(C, C), nn.Linear(C, C)) if self.lstm else no_gate
+        self.i_bias = nn.Parameter(torch.full((C,), -1.0))              # input gate mostly shut
         self.f_bias = nn.Parameter(torch.full((C,), cfg.state_forget_bias))
 
-    def forward(self, state, h):                                          # (B, N, C) each
+    def forward(self, state, h):                                        # (B, N, C) each
         if self.lstm:   # c' = sigmoid(f) c + sigmoid(i) tanh(z)
             z, i, f = torch.tanh(self.z(h)), self.i(h) + self.i_bias, self.f(h) + self.f_bias
         else:           # c' = sigmoid(b_f) c + sigmoid(b_i) z
@@ -623,53 +922,53 @@ class StateGate(nn.Module):
 
 
 class RecurrentAttention(BlockAttention):
-    """A recurrent layer: block-local self-attention plus attention to the state vectors (token path),
-    and the state update at each block's end (state path)."""
+    """A recurrent layer: block-local self-attention plus attention to the state vectors (token
+    path), and the state update at each block's end (state path)."""
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
-        C = cfg.d_model
+        C, hidden = cfg.d_model, self.nh * self.hs
         self.init_states = nn.Parameter(torch.randn(cfg.n_states, C) * cfg.init_std)
         self.state_norm, self.state_norm_2 = NORMS[cfg.norm](C, cfg), NORMS[cfg.norm](C, cfg)
-        self.q_state = nn.Linear(C, self.nh * self.hs, bias=cfg.bias)       # queries of the states
-        self.o_read = nn.Linear(self.nh * self.hs, C, bias=cfg.bias)        # tokens' reading of the states
-        self.o_self = nn.Linear(self.nh * self.hs, C, bias=cfg.bias)        # states' reading of themselves
-        self.o_tokens = nn.Linear(self.nh * self.hs, C, bias=cfg.bias)      # states' reading of the block
+        self.q_state = nn.Linear(C, hidden, bias=cfg.bias)        # queries of the states
+        self.o_read = nn.Linear(hidden, C, bias=cfg.bias)         # tokens' reading of the states
+        self.o_self = nn.Linear(hidden, C, bias=cfg.bias)         # states' reading of themselves
+        self.o_tokens = nn.Linear(hidden, C, bias=cfg.bias)       # states' reading of the block
         self.state_ffn = FFNS[cfg.ffn](cfg)
         self.gate_1, self.gate_2 = StateGate(cfg), StateGate(cfg)
         self.state_drop = nn.Dropout(cfg.state_dropout)
 
-    def heads(self, t):                                                   # (B, L, nh*hs) -> (B, nh, L, hs)
+    def heads(self, t):                                     # (B, L, nh*hs) -> (B, nh, L, hs)
         return t.view(t.shape[0], t.shape[1], -1, self.hs).transpose(1, 2)
 
-    def forward(self, x, ctx: Context, cache=None):                       # x: (B, T, C)
+    def forward(self, x, ctx: Context, cache=None):                           # x: (B, T, C)
         B, T, _ = x.shape
-        y = super().forward(x, ctx, cache)                               # block-local self-attention
-        states = cache.states if cache is not None and cache.states is not None else self.init_states.expand(B, -1, -1)
-        q = self.heads(self.q_proj(x))                                     # (B, nh, T, hs), no RoPE
-        k, v = self.project_kv(x)                                          # (B, nkv, T, hs)
+        y = super().forward(x, ctx, cache)                                     # block-local
+        carried = cache is not None and cache.states is not None
+        states = cache.states if carried else self.init_states.expand(B, -1, -1)
+        q = self.heads(self.q_proj(x))                                         # (B, nh, T, hs)
+        k, v = self.project_kv(x)                                              # no RoPE here
         kpos = ctx.pos
-        if cache is not None and cache.block_k is not None:                # the current block's earlier tokens
+        if cache is not None and cache.block_k is not None:   # the current block's earlier tokens
             k, v = torch.cat((cache.block_k, k), 2), torch.cat((cache.block_v, v), 2)
             kpos = torch.cat((cache.block_pos, kpos))
-        reads = []
-        for b in torch.unique_consecutive(ctx.pos // self.width).tolist():  # blocks in order
-            rows = (ctx.pos // self.width == b).nonzero().flatten()
-            sk, sv = self.project_kv(self.state_norm(states))              # (B, nkv, N, hs)
+        reads, w = [], self.width
+        for b in torch.unique_consecutive(ctx.pos // w).tolist():             # blocks in order
+            rows = (ctx.pos // w == b).nonzero().flatten()
+            sk, sv = self.project_kv(self.state_norm(states))                  # (B, nkv, N, hs)
             reads.append(attend(q[:, :, rows], sk, sv, scale=self.scale))
-            if int(ctx.pos[rows[-1]]) % self.width == self.width - 1:     # block complete: update states
-                in_block = kpos // self.width == b
+            if int(ctx.pos[rows[-1]]) % w == w - 1:                            # block complete
+                in_block = kpos // w == b
                 states = self.update(states, k[:, :, in_block], v[:, :, in_block])
         read = torch.cat(reads, 2).transpose(1, 2).reshape(B, T, -1)
         if cache is not None:
-            open_block = kpos // self.width == int(ctx.pos[-1]) // self.width
-            open_block &= int(ctx.pos[-1]) % self.width != self.width - 1
-            cache.states, cache.block_k, cache.block_v, cache.block_pos = (
-                states, k[:, :, open_block], v[:, :, open_block], kpos[open_block])
+            last = int(ctx.pos[-1])
+            open_block = (kpos // w == last // w) & (last % w != w - 1)
+            cache.store_states(states, k[:, :, open_block], v[:, :, open_block], kpos[open_block])
         return y + self.resid_drop(self.o_read(read))
 
     def update(self, states, bk, bv):
-        """States attend to themselves and to one block's keys/values, then gate; then an FFN, gated."""
+        """States attend to themselves and to one block's keys/values, then gate; then an FFN."""
         h = self.state_norm(states)
         q = self.heads(self.q_state(h))
         sk, sv = self.project_kv(h)
@@ -680,7 +979,7 @@ class RecurrentAttention(BlockAttention):
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Building blocks: Gated DeltaNet (Yang et al. 2024, arXiv:2412.06464), as HF Qwen3NextForCausalLM has it.
+# 2. Building blocks: Gated DeltaNet (Yang et al. 2024, arXiv:2412.06464), as HF Qwen3-Next has it.
 # Per value head a state S (dk, dv) is decayed, corrected toward v along k, and read by q:
 #     S <- exp(g_t) S;   S <- S + k_t (beta_t (v_t - S^T k_t))^T;   o_t = S^T q_t
 
@@ -691,10 +990,10 @@ def delta_rule_recurrent(q, k, v, g, beta, S):
     out = []
     for t in range(q.shape[2]):
         S = S * g[:, :, t, None, None].exp()
-        kt = k[:, :, t]                                                    # (B, H, dk)
-        u = beta[:, :, t, None] * (v[:, :, t] - (S * kt[..., None]).sum(-2))   # (B, H, dv) new value
+        kt = k[:, :, t]                                                       # (B, H, dk)
+        u = beta[:, :, t, None] * (v[:, :, t] - (S * kt[..., None]).sum(-2))  # (B, H, dv)
         S = S + kt[..., None] * u[..., None, :]
-        out.append((S * q[:, :, t, :, None]).sum(-2))                      # (B, H, dv)
+        out.append((S * q[:, :, t, :, None]).sum(-2))                         # (B, H, dv)
     return torch.stack(out, dim=2), S
 
 
@@ -702,44 +1001,65 @@ def delta_rule_chunked(q, k, v, g, beta, S, chunk):
     """The same recurrence in parallel over chunks of L tokens, O(T L) (training and prefill).
     Within a chunk with cumulative decay G_i and start state S0, the new values U solve
         (I + Lo) U = beta*V - (beta*e^G*K) S0,   Lo[i,j] = beta_i e^(G_i-G_j) k_i.k_j  (j < i),
-    then o_i = e^(G_i) S0^T q_i + sum_{j<=i} e^(G_i-G_j) (q_i.k_j) u_j and S carries to the next chunk."""
+    then o_i = e^(G_i) S0^T q_i + sum_{j<=i} e^(G_i-G_j) (q_i.k_j) u_j; S carries to the next."""
     B, H, T, dk = k.shape
-    pad = -T % chunk                                                       # zero-pad T to whole chunks
-    q, k, v = (F.pad(x, (0, 0, 0, pad)).unflatten(2, (-1, chunk)) for x in (q, k, v))   # (B, H, n, L, d)
-    g, beta = (F.pad(x, (0, pad)).unflatten(2, (-1, chunk)) for x in (g, beta))        # (B, H, n, L)
-    G = g.cumsum(-1)                                                       # (B, H, n, L)
-    decay = (G[..., :, None] - G[..., None, :]).tril().exp().tril()       # (B, H, n, L, L) e^(G_i-G_j), j <= i
+    pad = -T % chunk                                              # zero-pad T to whole chunks
+    q, k, v = (F.pad(x, (0, 0, 0, pad)).unflatten(2, (-1, chunk)) for x in (q, k, v))
+    g, beta = (F.pad(x, (0, pad)).unflatten(2, (-1, chunk)) for x in (g, beta))  # (B, H, n, L)
+    G = g.cumsum(-1)                                                          # (B, H, n, L)
+    decay = (G[..., :, None] - G[..., None, :]).tril().exp().tril()  # (.., L, L) e^(Gi-Gj), j <= i
     kb = k * beta[..., None]
-    lower = (kb @ k.transpose(-1, -2) * decay).tril(-1)                    # Lo
+    lower = (kb @ k.transpose(-1, -2) * decay).tril(-1)                       # Lo
     eye = torch.eye(chunk, device=q.device)
-    solve = lambda rhs: torch.linalg.solve_triangular(eye + lower, rhs, upper=False, unitriangular=True)  # noqa: E731
-    w_v, w_k = solve(v * beta[..., None]), solve(kb * G[..., None].exp())  # (B, H, n, L, dv), (.., dk)
-    qk = q @ k.transpose(-1, -2) * decay                                   # (B, H, n, L, L) causal incl. self
-    q_in = q * G[..., None].exp()                                          # reads S0 decayed to step i
-    last = G[..., -1:]                                                     # (B, H, n, 1) decay over the chunk
-    k_out = (k * (last - G)[..., None].exp()).transpose(-1, -2)            # (B, H, n, dk, L) writes decayed to its end
-    # unbind, not [:, :, c]: backward then stacks n slices once instead of adding n full-size zero tensors
+    solve = lambda rhs: torch.linalg.solve_triangular(eye + lower, rhs, upper=False,
+                                                      unitriangular=True)
+    w_v, w_k = solve(v * beta[..., None]), solve(kb * G[..., None].exp())     # (.., L, dv), dk
+    qk = q @ k.transpose(-1, -2) * decay                          # (B, H, n, L, L) causal, self in
+    q_in = q * G[..., None].exp()                                 # reads S0 decayed to step i
+    last = G[..., -1:]                                            # (B, H, n, 1) the chunk's decay
+    k_out = (k * (last - G)[..., None].exp()).transpose(-1, -2)   # (B, H, n, dk, L) writes, decayed
+    # unbind, not [:, :, c]: backward then stacks n slices once instead of adding n zero tensors
     out = []
-    for w_vc, w_kc, q_c, qk_c, k_c, last_c in zip(*(t.unbind(2) for t in (w_v, w_k, q_in, qk, k_out, last.exp()))):
-        u = w_vc - w_kc @ S                                                # (B, H, L, dv)
+    chunks = zip(*(t.unbind(2) for t in (w_v, w_k, q_in, qk, k_out, last.exp())))
+    for w_vc, w_kc, q_c, qk_c, k_c, last_c in chunks:
+        u = w_vc - w_kc @ S                                                   # (B, H, L, dv)
         out.append(q_c @ S + qk_c @ u)
         S = S * last_c[..., None] + k_c @ u
     return torch.cat(out, dim=2)[:, :, :T], S
 
 
+class DeltaNetState(nn.Module):
+    """A Gated DeltaNet layer's O(1) decoding state: the last dn_conv-1 conv inputs and S (fp32)."""
+
+    def __init__(self, batch_size, cfg: Config, dtype=None, device=None):
+        super().__init__()
+        nk, nv = cfg.dn_heads, cfg.dn_v_heads or cfg.dn_heads
+        dk, dv = cfg.dn_head_dim, cfg.dn_v_head_dim or cfg.dn_head_dim
+        conv = torch.zeros(batch_size, 2 * nk * dk + nv * dv, cfg.dn_conv - 1, dtype=dtype,
+                           device=device)
+        self.register_buffer("conv", conv, persistent=False)                 # (B, Cqkv, K-1)
+        S = torch.zeros(batch_size, nv, dk, dv, device=device)
+        self.register_buffer("S", S, persistent=False)                       # (B, nv, dk, dv)
+
+    def write(self, qkv, S):          # qkv: (B, Cqkv, K-1 + T) conv inputs, the last K-1 kept
+        self.conv.copy_(qkv[..., qkv.shape[-1] - self.conv.shape[-1]:])
+        self.S.copy_(S)
+
+
 class GatedDeltaNet(nn.Module):
-    """Gated DeltaNet token mixer: conv-mixed q/k/v, L2-normed q/k, gated delta rule, gated RMSNorm."""
+    """Gated DeltaNet mixer: conv-mixed q/k/v, L2-normed q/k, gated delta rule, gated RMSNorm."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.nk, self.nv = cfg.dn_heads, cfg.dn_v_heads or cfg.dn_heads
         self.dk, self.dv = cfg.dn_head_dim, cfg.dn_v_head_dim or cfg.dn_head_dim
         self.chunk = cfg.dn_chunk
-        self.split = [self.nk * self.dk, self.nk * self.dk, self.nv * self.dv, self.nv * self.dv, self.nv, self.nv]
-        self.in_proj = nn.Linear(cfg.d_model, sum(self.split), bias=False)   # [q, k, v, z, b, a]
-        conv_dim = sum(self.split[:3])
-        self.conv = nn.Conv1d(conv_dim, conv_dim, cfg.dn_conv, groups=conv_dim, bias=False)  # depthwise, causal
-        self.A_log = nn.Parameter(torch.empty(self.nv).uniform_(1, 16).log())  # decay rates, Mamba-2 style
+        qk, vz = self.nk * self.dk, self.nv * self.dv
+        self.split = [qk, qk, vz, vz, self.nv, self.nv]
+        self.in_proj = nn.Linear(cfg.d_model, sum(self.split), bias=False)  # [q, k, v, z, b, a]
+        conv_dim = sum(self.split[:3])                                       # depthwise, causal
+        self.conv = nn.Conv1d(conv_dim, conv_dim, cfg.dn_conv, groups=conv_dim, bias=False)
+        self.A_log = nn.Parameter(torch.empty(self.nv).uniform_(1, 16).log())  # Mamba-2's decay
         self.dt_bias = nn.Parameter(torch.ones(self.nv))
         self.norm = RMSNorm(self.dv, cfg.norm_eps)
         self.out_proj = nn.Linear(self.nv * self.dv, cfg.d_model, bias=False)
@@ -747,21 +1067,22 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x, ctx: Context, cache=None):                           # x: (B, T, C)
         B, T, _ = x.shape
-        if ctx.pad is not None:  # padded inputs project to zero, so they add nothing to the conv or the state (HF)
-            x = torch.where(ctx.pad[..., None].bool(), x, 0.0)
+        if ctx.pad is not None:  # padding projects to zero: nothing enters the conv or S (HF)
+            x = torch.where(ctx.pad.view(B, T, 1), x, 0.0)
         q, k, v, z, b, a = self.in_proj(x).split(self.split, dim=-1)
-        qkv = torch.cat((q, k, v), dim=-1).transpose(1, 2)                     # (B, Cq+Ck+Cv, T)
-        fresh = cache is None or not ctx.use_cache
-        past = torch.zeros_like(qkv[..., :1]).expand(-1, -1, self.conv.kernel_size[0] - 1) if fresh else cache.conv
-        qkv = torch.cat((past, qkv), dim=-1)                                   # left context for the conv
+        qkv = torch.cat((q, k, v), dim=-1).transpose(1, 2)                    # (B, Cqkv, T)
+        fresh = cache is None or not ctx.decoding
+        K = self.conv.kernel_size[0]
+        past = torch.zeros_like(qkv[..., :1]).expand(-1, -1, K - 1) if fresh else cache.conv
+        qkv = torch.cat((past, qkv), dim=-1)                                  # the conv's left side
         q, k, v = F.silu(self.conv(qkv)).transpose(1, 2).split(self.split[:3], dim=-1)
-        r = self.nv // self.nk                                                 # value heads per key head
+        r = self.nv // self.nk                                                # v heads per k head
         q, k = (t.float().view(B, T, self.nk, self.dk) for t in (q, k))
-        q, k = (t * torch.rsqrt(t.pow(2).sum(-1, keepdim=True) + 1e-6) for t in (q, k))  # L2 norm
+        q, k = (t * torch.rsqrt(t.pow(2).sum(-1, keepdim=True) + 1e-6) for t in (q, k))  # L2
         q, k = (t.repeat_interleave(r, dim=2).transpose(1, 2) for t in (q, k))  # (B, nv, T, dk)
         q = q * self.dk ** -0.5
-        v = v.float().view(B, T, self.nv, self.dv).transpose(1, 2)             # (B, nv, T, dv)
-        beta = torch.sigmoid(b.float()).transpose(1, 2)                        # (B, nv, T)
+        v = v.float().view(B, T, self.nv, self.dv).transpose(1, 2)            # (B, nv, T, dv)
+        beta = torch.sigmoid(b.float()).transpose(1, 2)                       # (B, nv, T)
         g = (-self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)).transpose(1, 2)
         S = torch.zeros(B, self.nv, self.dk, self.dv, device=x.device) if fresh else cache.S
         if T == 1:
@@ -769,19 +1090,19 @@ class GatedDeltaNet(nn.Module):
         else:
             o, S = delta_rule_chunked(q, k, v, g, beta, S, self.chunk)
         if cache is not None:
-            cache.conv.copy_(qkv[..., qkv.shape[-1] - cache.conv.shape[-1]:])
-            cache.S.copy_(S)
-        o = self.norm(o.transpose(1, 2).to(x.dtype)) * F.silu(z.float().view(B, T, self.nv, self.dv))
+            cache.write(qkv, S)
+        o = self.norm(o.transpose(1, 2).to(x.dtype)) * F.silu(z.float().view(B, T, self.nv, -1))
         return self.resid_drop(self.out_proj(o.to(x.dtype).reshape(B, T, -1)))
 
 
-MIXERS = {"attn": Attention, "local_attn": Attention,  # local_attn: the same layer, a windowed mask
+MIXERS = {"attn": Attention, "local_attn": lambda cfg: Attention(cfg, window=cfg.sliding_window),
           "deltanet": GatedDeltaNet, "block_attn": BlockAttention, "recurrent": RecurrentAttention}
 
 # ----------------------------------------------------------------------------------------------
 # 2. Building blocks: feed-forward
 
-ACTIVATIONS = {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "relu": nn.ReLU(), "silu": nn.SiLU()}
+ACTIVATIONS = {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "relu": nn.ReLU(),
+               "silu": nn.SiLU()}
 
 
 class MLP(nn.Module):
@@ -799,7 +1120,7 @@ class MLP(nn.Module):
 
 
 class GLU(nn.Module):
-    """Gated linear unit FFN (Shazeer 2020, arXiv:2002.05202): silu -> SwiGLU, gelu_tanh -> GeGLU."""
+    """Gated linear unit FFN (Shazeer 2020, arXiv:2002.05202): silu: SwiGLU, gelu_tanh: GeGLU."""
 
     def __init__(self, cfg: Config, width=None):
         super().__init__()
@@ -816,18 +1137,18 @@ class GLU(nn.Module):
 FFNS = {"mlp": MLP, "glu": GLU}
 
 # ----------------------------------------------------------------------------------------------
-# 2. Building blocks: mixture of experts
-# A router turns probs (N, E) into routing slots grouped by expert: each slot's token and weight, and the
-# slots per expert. The experts' matrices are stacked (E, out, in), so each projection runs over all slots
-# at once (a grouped matmul), with no Python loop over tokens; the weighted outputs are added back per token.
+# 2. Building blocks: mixture of experts. A router turns probs (N, E) into routing slots grouped by
+# expert: each slot's token and weight, and the slots per expert. The experts' matrices are stacked
+# (E, out, in), so each projection runs over all slots at once (a grouped matmul), with no Python
+# loop over tokens; the weighted outputs are added back per token.
 
 
 def token_choice(probs, cfg):
-    """Each token picks its top-k experts (Shazeer et al. 2017, arXiv:1701.06538; Mixtral, arXiv:2401.04088)."""
+    """Each token picks its top-k experts (Shazeer et al. 2017, arXiv:1701.06538; Mixtral)."""
     w, idx = probs.topk(cfg.moe_top_k, dim=-1)                       # (N, k)
     if cfg.moe_renorm:
         w = w / w.sum(dim=-1, keepdim=True)
-    order = idx.flatten().argsort(stable=True)                       # (N*k,) slots grouped by expert
+    order = idx.flatten().argsort(stable=True)                       # (N*k,) slots by expert
     counts = torch.bincount(idx.flatten(), minlength=cfg.n_expert)   # (E,)
     return order // cfg.moe_top_k, w.flatten()[order], counts
 
@@ -841,54 +1162,58 @@ def expert_choice(probs, cfg):
     return tok.flatten(), w.flatten(), torch.full((E,), cap, device=probs.device)
 
 
-ROUTERS = {"token_choice": token_choice, "expert_choice": expert_choice}  # probs (N, E) -> tokens, weights, counts
+ROUTERS = {"token_choice": token_choice, "expert_choice": expert_choice}  # -> tok, w, counts
 
 
 def expert_linear(x, w, b, counts):
-    """x (M, in) holds counts[e] rows for each expert e in turn; w (E, out, in), b (E, out) or None -> (M, out).
-    One F.grouped_mm where torch takes the input (fp32/bf16/fp16 rows of whole 16-byte units): a grouped GEMM
-    kernel for bf16 on Hopper-class GPUs, torch's C++ loop elsewhere (on CPU no slower than this one); otherwise
-    a Python loop over the experts."""
-    w = w.to(x.dtype)                                                # autocast leaves grouped_mm's dtypes alone
-    if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.shape[1] * x.element_size() % 16 == 0:
+    """x (M, in) holds counts[e] rows for each expert e in turn; w (E, out, in), b (E, out) or
+    None -> (M, out). One F.grouped_mm where torch takes the input (fp32/bf16/fp16 rows of whole
+    16-byte units): a grouped GEMM kernel for bf16 on Hopper-class GPUs, torch's C++ loop
+    elsewhere (on CPU no slower than this one); otherwise a Python loop over the experts."""
+    w = w.to(x.dtype)                                 # autocast leaves grouped_mm's dtypes alone
+    if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and (
+            x.shape[1] * x.element_size() % 16 == 0):
         y = F.grouped_mm(x, w.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
     else:
         y = torch.cat([xe @ we.T for xe, we in zip(x.split(counts.tolist()), w.unbind(0))])
-    return y if b is None else y + b.to(y.dtype).repeat_interleave(counts, dim=0, output_size=len(x))
+    if b is not None:
+        y = y + b.to(y.dtype).repeat_interleave(counts, dim=0, output_size=len(x))
+    return y
 
 
 def balance_loss(loads, n_expert):
-    """Switch Transformer's load balance (Fedus et al. 2021, arXiv:2101.03961, eq. 4-6) over the routing
-    of `loads`, a list of (slots per expert (E,), summed router probs (E,), tokens): E * sum_e f_e * P_e
-    with f_e the slots per token routed to e (summing to k) and P_e the mean probability of e."""
+    """Switch Transformer's load balance (Fedus et al. 2021, arXiv:2101.03961, eq. 4-6) over the
+    routing of `loads`, a list of (slots per expert (E,), summed router probs (E,), tokens):
+    E * sum_e f_e * P_e, f_e the slots per token routed to e (summing to k), P_e e's mean prob."""
     counts, prob_sum, n = (sum(t) for t in zip(*loads))
     return n_expert * (counts / n * prob_sum / n).sum()
 
 
 class MoE(nn.Module):
-    """Sparse mixture of expert FFNs (the `ffn` kind: mlp or glu) with an optional gated shared expert
-    (Qwen3-MoE / Qwen3-Next). After each forward, `aux_loss` holds the weighted router z-loss and the
-    load-balancing loss of that call, and `load` what balance_loss reads.
+    """Sparse mixture of expert FFNs (the `ffn` kind: mlp or glu) with an optional gated shared
+    expert (Qwen3-MoE / Qwen3-Next). After each forward, `aux_loss` holds the weighted router
+    z-loss and load-balancing loss of that call, and `load` what balance_loss reads.
 
-    Balance: Switch adds one E * sum_e f_e * P_e per MoE layer, and by default ours is the sum of those.
-    HF's Mixtral/Qwen loss pools every layer's routing into one f and one P before the product, which mixes
-    expert e of one layer with expert e of another; imported models set moe_pool_balance to match it, and
-    Transformer.forward then adds that pooled term instead of the per-layer ones.
+    Balance: Switch adds one E * sum_e f_e * P_e per MoE layer, and by default ours is their sum.
+    HF's Mixtral/Qwen loss pools every layer's routing into one f and one P before the product,
+    which mixes expert e of one layer with expert e of another; imported models set
+    moe_pool_balance to match it, and Transformer.forward then adds that pooled term instead.
 
-    Expert choice is not causal: an expert takes the top-capacity tokens of the whole call, so a later token
-    can change whether, and how much, an earlier token is routed. Training on whole sequences is consistent
-    with itself, but no one-token-at-a-time decoder can reproduce it, so setup_cache (and with it generate)
-    refuses expert_choice models rather than sample from a different routing than the one trained."""
+    Expert choice is not causal: an expert takes the top-capacity tokens of the whole call, so a
+    later token can change whether, and how much, an earlier token is routed. Training on whole
+    sequences is consistent with itself, but no one-token-at-a-time decoder can reproduce it, so
+    setup_cache (and with it generate) refuses expert_choice rather than sample another routing."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
         E, C, Fe = cfg.n_expert, cfg.d_model, cfg.moe_d_ff or cfg.ffn_dim
         self.router = nn.Linear(C, E, bias=False)
-        # routed experts stacked like nn.Linear weights, (E, out, in); expert e is gate[e], up[e], down[e]
-        param = lambda *shape: nn.Parameter(torch.randn(shape) * cfg.init_std)  # noqa: E731
-        bias = lambda *shape: nn.Parameter(torch.zeros(shape)) if cfg.ffn_biased else None  # noqa: E731
-        self.gate, self.gate_bias = (param(E, Fe, C), bias(E, Fe)) if cfg.ffn == "glu" else (None, None)
+        # routed experts stacked like nn.Linear weights, (E, out, in): expert e is up[e], ...
+        param = lambda *shape: nn.Parameter(torch.randn(shape) * cfg.init_std)
+        bias = lambda *shape: nn.Parameter(torch.zeros(shape)) if cfg.ffn_biased else None
+        self.gate, self.gate_bias = (param(E, Fe, C), bias(E, Fe)) if cfg.ffn == "glu" else (None,
+                                                                                           None)
         self.up, self.up_bias = param(E, Fe, C), bias(E, Fe)
         self.down, self.down_bias = param(E, C, Fe), bias(E, C)
         self.act, self.drop = ACTIVATIONS[cfg.activation], nn.Dropout(cfg.dropout)
@@ -901,7 +1226,7 @@ class MoE(nn.Module):
         cfg, shape, x = self.cfg, x.shape, x.reshape(-1, x.shape[-1])  # (N, C)
         logits = self.router(x)                                      # (N, E)
         probs = F.softmax(logits.float(), dim=-1)
-        tok, w, counts = ROUTERS[cfg.moe_router](probs, cfg)         # (M,), (M,), (E,): slots grouped by expert
+        tok, w, counts = ROUTERS[cfg.moe_router](probs, cfg)         # (M,), (M,), (E,)
         h = x[tok]                                                   # (M, C)
         a = expert_linear(h, self.up, self.up_bias, counts)          # (M, Fe)
         if self.gate is not None:                                    # GLU: act(gate h) * up h
@@ -909,12 +1234,13 @@ class MoE(nn.Module):
         else:
             a = self.act(a)
         h = expert_linear(a, self.down, self.down_bias, counts)      # (M, C)
-        y = self.drop(torch.zeros_like(x).index_add_(0, tok, (h * w[:, None].to(h.dtype)).to(x.dtype)))
+        y = torch.zeros_like(x).index_add_(0, tok, (h * w[:, None].to(h.dtype)).to(x.dtype))
+        y = self.drop(y)
         if cfg.moe_shared_d_ff:
             y = y + torch.sigmoid(self.shared_gate(x)) * self.shared_expert(x)
         self.load = (counts, probs.sum(0), len(x))
         balance = 0.0 if cfg.moe_pool_balance else balance_loss([self.load], cfg.n_expert)
-        z = torch.logsumexp(logits.float(), dim=-1).pow(2).mean()   # router z-loss (ST-MoE, arXiv:2202.08906)
+        z = torch.logsumexp(logits.float(), dim=-1).pow(2).mean()   # router z-loss (ST-MoE)
         self.aux_loss = cfg.moe_aux_weight * balance + cfg.moe_z_weight * z
         return y.view(shape)
 
@@ -923,7 +1249,7 @@ class MoE(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth (Huang et al. 2016, arXiv:1603.09382): drop a whole residual branch per sample."""
+    """Stochastic depth (Huang et al. 2016, arXiv:1603.09382): drop a residual branch per sample."""
 
     def __init__(self, p):
         super().__init__()
@@ -945,7 +1271,7 @@ class Block(nn.Module):
 
     def __init__(self, cfg: Config, layer_type: tuple):
         super().__init__()
-        make_norm = lambda: NORMS[cfg.norm](cfg.d_model, cfg)  # noqa: E731
+        make_norm = lambda: NORMS[cfg.norm](cfg.d_model, cfg)
         self.post_ln = cfg.norm_placement == "post"
         self.norm_1, self.norm_2 = make_norm(), make_norm()
         sandwich = cfg.norm_placement == "sandwich"
@@ -954,7 +1280,8 @@ class Block(nn.Module):
         mixer, ffn = layer_type
         self.mixer = MIXERS[mixer](cfg)
         if cfg.cross_attention:  # between the mixer and the FFN, with a norm of its own
-            self.norm_x, self.cross, self.post_norm_x = make_norm(), CrossAttention(cfg), nn.Identity()
+            self.norm_x, self.cross = make_norm(), CrossAttention(cfg)
+            self.post_norm_x = nn.Identity()
         self.ffn = MoE(cfg) if ffn == "moe" else FFNS[cfg.ffn](cfg)
         self.drop_path = DropPath(cfg.drop_path)
 
@@ -966,17 +1293,18 @@ class Block(nn.Module):
     def forward(self, x, ctx: Context, cache=None, cross_ctx: Context | None = None):
         x = self.residual(x, self.norm_1, self.post_norm_1, lambda h: self.mixer(h, ctx, cache))
         if cross_ctx is not None:
-            cross_cache = cache.cross if cache is not None else None
-            x = self.residual(x, self.norm_x, self.post_norm_x, lambda h: self.cross(h, cross_ctx, cross_cache))
+            cross = lambda h: self.cross(h, cross_ctx, cache.cross if cache is not None else None)
+            x = self.residual(x, self.norm_x, self.post_norm_x, cross)
         return self.residual(x, self.norm_2, self.post_norm_2, self.ffn)
 
 
 class ACT(nn.Module):
-    """Adaptive Computation Time (Graves 2016, arXiv:1603.08983) as the Universal Transformer uses it
-    (Dehghani et al. 2018, arXiv:1807.03819): each position accumulates halting probabilities over the
-    depth steps; its output is the halting-weighted sum of its states, so once halted it stops changing.
-    Every step still runs on every position (halted ones keep serving as keys), so a token's result
-    never depends on how many steps other tokens took, and cached decoding equals a full forward."""
+    """Adaptive Computation Time (Graves 2016, arXiv:1603.08983) as the Universal Transformer uses
+    it (Dehghani et al. 2018, arXiv:1807.03819): each position accumulates halting probabilities
+    over the depth steps; its output is the halting-weighted sum of its states, so once halted it
+    stops changing. Every step still runs on every position (halted ones keep serving as keys), so
+    a token's result never depends on how many steps other tokens took, and cached decoding equals
+    a full forward."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -985,8 +1313,9 @@ class ACT(nn.Module):
         self.aux_loss = torch.zeros(())
 
     def forward(self, x, state, last):
-        """Halting weights (B, T) of this step's output, from its input x; state = (total p, remainder,
-        steps), each (B, T). The last step halts every position still running (weights sum to 1)."""
+        """Halting weights (B, T) of this step's output, from its input x; state = (total p,
+        remainder, steps), each (B, T). A position halts once its total p *exceeds* the threshold
+        (the UT's rule); the last step halts every one still running (weights sum to 1)."""
         total, rem, steps = state
         p = torch.sigmoid(self.halt(x).squeeze(-1).float())
         running = (total < 1).float()
@@ -1007,14 +1336,42 @@ class ACT(nn.Module):
 class ModelOutput(NamedTuple):
     logits: torch.Tensor               # (B, T, V)
     loss: torch.Tensor | None          # mean cross-entropy over targets != -1, or None
-    aux_loss: torch.Tensor             # auxiliary losses (MoE balance, ACT ponder cost); 0 when unused
+    aux_loss: torch.Tensor             # auxiliary losses (MoE balance, ACT ponder cost); 0 if none
     cls_logits: torch.Tensor | None = None  # (B, 2) NSP / SOP logits when the config has cls_head
+
+
+def check_inputs(ids, name="input_ids", **same_shape):
+    """One-line ValueErrors for inputs of the wrong dtype or shape, where they enter the model (no
+    values are read: no device sync). ids must be (B, T) integer token ids, and each tensor of
+    same_shape (targets, token_type_ids, attention_mask) of ids' shape, integer but the mask."""
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.long, torch.int):
+        got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{name} must be a tensor of integer token ids (torch.long), got {got}")
+    if ids.dim() != 2:
+        raise ValueError(f"{name} must be (batch, time), got shape {tuple(ids.shape)}; pass one "
+                         f"sequence as {name}[None]")
+    for key, t in same_shape.items():
+        if t is not None and t.shape != ids.shape:
+            raise ValueError(f"{key} must have the shape of {name} {tuple(ids.shape)}, got "
+                             f"{tuple(t.shape)}")
+        integer = (torch.long,) if key == "targets" else (torch.long, torch.int)  # cross_entropy's
+        if t is not None and key != "attention_mask" and t.dtype not in integer:
+            raise ValueError(f"{key} must hold integers (torch.long), got {t.dtype}")
+
+
+def check_ids(ids, vocab_size, what="input_ids"):
+    """One-line ValueError unless every id is in [0, vocab_size). This reads the values (a device
+    sync): call it once on a prompt or a data file, not in a training step."""
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bool(bad.any()):
+        raise ValueError(f"{what} holds token id {int(ids[bad][0])}, outside the model's "
+                         f"vocabulary [0, {vocab_size}); was it made by another tokenizer?")
 
 
 class Transformer(nn.Module):
     """Embeddings -> blocks laid out by layer_types -> final norm -> LM head."""
 
-    def __new__(cls, cfg=None, *args, **kwargs):  # Transformer(cfg) dispatches on cfg.architecture
+    def __new__(cls, cfg=None, *args, **kwargs):  # Transformer(cfg) dispatches on architecture
         if cls is Transformer and cfg is not None and cfg.architecture == "encoder_decoder":
             cls = EncoderDecoder
         return super().__new__(cls)
@@ -1024,170 +1381,166 @@ class Transformer(nn.Module):
         self.config = cfg
         self.layer_types = layer_types(cfg)                    # [(mixer, ffn)] per layer
         self.mixer_types = [m for m, _ in self.layer_types]
-        E = cfg.embed_dim or cfg.d_model                       # embedding width (ALBERT: E < d_model)
+        E = cfg.embed_dim or cfg.d_model                       # embedding width (ALBERT: E < C)
         self.wte = nn.Embedding(cfg.vocab_size, E)
-        if cfg.position == "learned":
-            self.wpe = nn.Embedding(cfg.block_size + cfg.pos_offset, E)
-        if cfg.position == "relative_bias":  # computed once per stack, shared by its layers (T5)
-            self.rel_bias = RelativeBias(cfg)
-        if cfg.position == "disentangled":  # DeBERTa: one normed table shared by every layer
-            self.rel_embeddings = nn.Embedding(2 * cfg.rel_buckets, cfg.d_model)
-            self.rel_norm = NORMS[cfg.norm](cfg.d_model, cfg)
-        if cfg.position == "sinusoidal":
-            self.register_buffer("wpe_table", sinusoidal_table(cfg.block_size, E), persistent=False)
+        scheme = POSITIONS[cfg.position](cfg, E)
+        self.add_module(scheme.key, scheme)                    # its own name: its weights' prefix
         if cfg.type_vocab_size:
             self.wtt = nn.Embedding(cfg.type_vocab_size, E)
         self.embed_norm = NORMS[cfg.norm](E, cfg) if cfg.embed_norm else nn.Identity()
         self.embed_proj = nn.Linear(E, cfg.d_model) if cfg.embed_dim else nn.Identity()
-        if cfg.position == "rope":  # one table per layer type: Gemma 3 uses another base for local layers
-            theta = {t: (cfg.rope_theta, cfg.rope_scaling) for t in ("attn", "block_attn", "recurrent")}
-            theta["local_attn"] = (cfg.rope_local_theta or cfg.rope_theta,
-                                   "none" if cfg.rope_local_theta else cfg.rope_scaling)
-            self.rope = nn.ModuleDict({t: Rotary(cfg, *theta[t]) for t in set(self.mixer_types) & set(theta)})
         self.drop = nn.Dropout(cfg.dropout)
         # layer i runs blocks[block_of[i]]: its own block, or its group's shared one (ALBERT)
         groups = cfg.layer_groups or cfg.n_layer
         self.block_of = [int(i / (cfg.n_layer / groups)) for i in range(cfg.n_layer)]
-        self.blocks = nn.ModuleList(Block(cfg, self.layer_types[self.block_of.index(g)]) for g in range(groups))
+        self.blocks = nn.ModuleList(Block(cfg, self.layer_types[self.block_of.index(g)])
+                                    for g in range(groups))
         self.norm_f = NORMS[cfg.norm](cfg.d_model, cfg) if cfg.final_norm else nn.Identity()
-        self.head_transform = nn.Sequential(nn.Linear(cfg.d_model, E), ACTIVATIONS[cfg.activation],
-                                            NORMS[cfg.norm](E, cfg)) if cfg.head_transform else nn.Identity()
+        self.head_transform = nn.Identity()
+        if cfg.head_transform:  # BERT's MLM head: dense -> activation -> norm
+            self.head_transform = nn.Sequential(
+                nn.Linear(cfg.d_model, E), ACTIVATIONS[cfg.activation], NORMS[cfg.norm](E, cfg))
         self.lm_head = nn.Linear(E, cfg.vocab_size, bias=cfg.head_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         if cfg.cls_head:
             self.pooler, self.cls = nn.Linear(cfg.d_model, cfg.d_model), nn.Linear(cfg.d_model, 2)
-        if cfg.depth_embedding == "sinusoidal":  # UT's coordinate embedding: position and step timing
-            self.register_buffer("step_table", sinusoidal_table(cfg.n_layer, cfg.d_model), persistent=False)
-            self.register_buffer("pos_table", sinusoidal_table(cfg.block_size, cfg.d_model), persistent=False)
+        if cfg.depth_embedding == "sinusoidal":  # UT's coordinate embedding: position and step
+            self.register_buffer("step_table", sinusoidal_table(cfg.n_layer, cfg.d_model),
+                                 persistent=False)
+            self.register_buffer("pos_table", sinusoidal_table(cfg.block_size, cfg.d_model),
+                                 persistent=False)
         if cfg.depth_embedding == "learned":
             self.step_emb = nn.Embedding(cfg.n_layer, cfg.d_model)
         self.act = ACT(cfg) if cfg.act else None
         # modules whose aux_loss (set in their forward) joins the output's aux_loss
-        self.aux_modules = [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)] + ([self.act] if cfg.act else [])
+        moe = [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+        self.aux_modules = moe + ([self.act] if cfg.act else [])
+        self.init_weights()
+
+    def init_weights(self):
+        cfg = self.config
         self.apply(self._init_weights)
-        if cfg.act:  # halting p starts at 1/n_layer: every position first runs all steps, then learns to stop early
+        if cfg.act:  # halting p starts at 1/n_layer: positions first run every step, then learn
             nn.init.constant_(self.act.halt.bias, -math.log(max(cfg.n_layer - 1, 1)))
         if cfg.scaled_residual_init:  # GPT-2: residual projections shrink with depth
             for name, p in self.named_parameters():
-                if name.endswith(("o_proj.weight", "down.weight", "ffn.down")):   # ffn.down: stacked MoE experts
+                if name.endswith(("o_proj.weight", "down.weight", "ffn.down")):  # ffn.down: MoE's
                     nn.init.normal_(p, 0.0, cfg.init_std / math.sqrt(2 * cfg.n_layer))
 
-    def _init_weights(self, m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
+    def _init_weights(self, m):  # matrices and tables (a position scheme's `weight` too): N(0, std)
+        table = isinstance(m, Position) and isinstance(getattr(m, "weight", None), nn.Parameter)
+        if isinstance(m, (nn.Linear, nn.Embedding)) or table:
             nn.init.normal_(m.weight, 0.0, self.config.init_std)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
+
+    @property
+    def position(self) -> Position:  # the scheme, registered under its own key (wpe, rope, ...)
+        return getattr(self, POSITIONS[self.config.position].key)
 
     @classmethod
     def from_yaml(cls, path, **overrides):
         return cls(Config.from_yaml(path, **overrides))
 
+    @staticmethod
+    def from_pretrained(hf_dir):
+        """A model from a HF-format directory (config.json + safetensors): see hf.py."""
+        from hf import from_pretrained  # lazy: hf.py sits next to this file, which runs without it
+        return from_pretrained(hf_dir)
+
     def get_num_params(self, non_embedding=False):
-        """Parameter count (a tied head counted once); non_embedding drops token/position tables."""
+        """Parameter count (a tied head once); non_embedding drops token and position tables."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= sum(m.weight.numel() for m in (self.wte, getattr(self, "wpe", None)) if m is not None)
+            n -= self.wte.weight.numel()
+            n -= sum(p.numel() for p in self.position.parameters()) if self.position.bounded else 0
         return n
 
-    def contexts(self, pos, cache, attention_mask=None):
-        """One Context per layer type: positions, RoPE tables and the attention mask."""
-        cfg = self.config
-        use_cache = cache is not None and int(pos[0]) > 0
-        causal = cfg.architecture != "encoder_only"
-        if attention_mask is not None and use_cache:
-            raise ValueError("attention_mask is for encoders and full forwards; cached decoding takes unpadded rows")
-        pad = attention_mask[:, None, None, :].bool() if attention_mask is not None else None   # (B, 1, 1, S)
-        padded_or_biased = pad is not None or cfg.position in ("relative_bias", "disentangled")
-        ctx = {}
-        for t in set(self.mixer_types):
-            rope = self.rope[t](pos) if cfg.position == "rope" and t in self.rope else None
-            if t in ("deltanet", "block_attn", "recurrent"):  # these build their own masks from their carry
-                ctx[t] = Context(pos, rope, None, use_cache, pad=attention_mask)
-                continue
-            window = cfg.sliding_window if t == "local_attn" else None
-            if not (use_cache or window or padded_or_biased):
-                ctx[t] = Context(pos, rope, None, False, causal)   # plain causal or unmasked: fused kernels
-                continue
-            kpos, keys = pos, None
-            if use_cache:  # keys are the written cache slots; each one's absolute position comes from the ring
-                slots, last = cache[self.mixer_types.index(t)].slots, pos[-1]
-                keys = min(slots, int(last) + 1)  # reading only these costs O(length so far), not O(max_len)
-                kpos = last - (last - torch.arange(keys, device=pos.device)) % slots    # (S,), S = keys
-                if len(pos) == 1 and not padded_or_biased:  # one query sees every written slot (the ring holds
-                    ctx[t] = Context(pos, rope, None, True, False, keys=keys)  # just its window): no mask
-                    continue
-            rel = kpos[None, :] - pos[:, None]                                           # (T, S) key - query
-            mask = (kpos >= 0) & (rel <= 0) if causal else torch.ones_like(rel, dtype=torch.bool)
-            if window:  # a band of `window` keys, the query itself included
-                mask &= rel > -window
-            if pad is not None:
-                mask = mask & pad                                                        # (B, 1, T, S)
-            if cfg.position == "relative_bias":  # a float mask: the bias, and -inf where masked
-                mask = self.rel_bias(rel).masked_fill(~mask, float("-inf"))
-            rel_pos = None
-            if cfg.position == "disentangled":  # the layers add their own bias to this mask
-                idx = deberta_buckets(-rel, cfg.rel_buckets, cfg.rel_max_distance)      # (T, T), query - key
-                rel_pos = (self.rel_norm(self.rel_embeddings.weight), idx)
-            ctx[t] = Context(pos, rope, mask, use_cache, causal, rel_pos=rel_pos, keys=keys)
-        return ctx
-
     def forward(self, input_ids, targets=None, cache=None, input_pos=None, token_type_ids=None,
-                attention_mask=None, cls_targets=None, memory=None, memory_mask=None) -> ModelOutput:
+                attention_mask=None, cls_targets=None, memory=None,
+                memory_mask=None) -> ModelOutput:
         """input_ids (B, T) -> ModelOutput(logits (B, T, V), loss, aux_loss, cls_logits).
 
         With `cache` (from setup_cache) the new tokens sit at `input_pos` (T,); a call starting at
         position 0 is a prefill, a later one attends over the cached keys. Encoders take
-        token_type_ids (B, T), attention_mask (B, T) with 1 = keep, and cls_targets (B,) for NSP/SOP.
-        A decoder with cross_attention reads `memory` (B, S, C) with padding `memory_mask` (B, S).
+        token_type_ids (B, T), attention_mask (B, T) with 1 = keep, and cls_targets (B,) for
+        NSP/SOP. A decoder with cross_attention reads `memory` (B, S, C), padding `memory_mask`.
         """
         cfg = self.config
-        x = self.hidden(input_ids, cache, input_pos, token_type_ids, attention_mask, memory, memory_mask)
+        check_inputs(input_ids, targets=targets, token_type_ids=token_type_ids,
+                     attention_mask=attention_mask)
+        x = self.hidden(input_ids, cache, input_pos, token_type_ids, attention_mask, memory,
+                        memory_mask)
         if cfg.head_input_scale is not None:
             x = x * cfg.head_input_scale
         logits = self.lm_head(self.head_transform(x))                     # (B, T, V)
         if cfg.final_softcap is not None:
             logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
-        cls_logits = self.cls(torch.tanh(self.pooler(x[:, 0]))) if cfg.cls_head else None   # (B, 2)
+        cls_logits = self.cls(torch.tanh(self.pooler(x[:, 0]))) if cfg.cls_head else None
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, -2), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.float().flatten(0, -2), targets.reshape(-1),
+                                   ignore_index=-1)
         if cls_targets is not None:
             loss = (0 if loss is None else loss) + F.cross_entropy(cls_logits.float(), cls_targets)
         aux = sum((m.aux_loss for m in self.aux_modules), torch.zeros((), device=x.device))
         loads = [m.load for m in self.aux_modules if isinstance(m, MoE)]
-        if cfg.moe_pool_balance and loads:  # HF's balance: every MoE layer's routing pooled into one term (see MoE)
+        if cfg.moe_pool_balance and loads:  # HF's balance: every MoE layer pooled (see MoE)
             aux = aux + cfg.moe_aux_weight * balance_loss(loads, cfg.n_expert)
         return ModelOutput(logits, loss, aux, cls_logits)
 
-    def hidden(self, input_ids, cache=None, input_pos=None, token_type_ids=None, attention_mask=None,
-               memory=None, memory_mask=None):
+    def hidden(self, input_ids, cache=None, input_pos=None, token_type_ids=None,
+               attention_mask=None, memory=None, memory_mask=None):
         """Embeddings -> blocks -> final norm: the (B, T, C) states the heads read."""
         cfg, (B, T) = self.config, input_ids.shape
         pos = input_pos if input_pos is not None else torch.arange(T, device=input_ids.device)
+        decoding = cache is not None and int(pos[0]) > 0
+        if attention_mask is not None and decoding:
+            raise ValueError("attention_mask is for encoders and full forwards; cached decoding "
+                             "takes unpadded rows")
+        pad = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None
         x = self.embed(input_ids, pos, token_type_ids)                   # (B, T, C)
-        ctx = self.contexts(pos, cache, attention_mask)
-        cross_ctx = None
+        ctx = {t: self.context(t, pos, cache, pad, decoding) for t in set(self.mixer_types)}
+        cross = None
         if cfg.cross_attention:
-            if memory is None:
-                raise ValueError("this decoder has cross-attention: pass memory= (the encoder output)")
-            mpad = memory_mask[:, None, None, :].bool() if memory_mask is not None else None
-            cross_ctx = Context(pos, None, mpad, cache is not None and int(pos[0]) > 0, False, memory)
+            cross = self.cross_context(pos, decoding, memory, memory_mask)
         halting = [torch.zeros(B, T, device=x.device)] * 3 if self.act else None
-        out = torch.zeros_like(x)                                        # ACT: halting-weighted sum of states
+        out = torch.zeros_like(x)                                # ACT: halting-weighted states
         for i, b in enumerate(self.block_of):
             if cfg.depth_embedding != "none":
                 x = x + self.depth_signal(i, pos)
             if self.act is not None:
                 w, halting = self.act(x, halting, last=i == cfg.n_layer - 1)       # (B, T)
-            block, c, layer_cache = self.blocks[b], ctx[self.mixer_types[i]], cache[i] if cache is not None else None
+            args = (x, ctx[self.mixer_types[i]], cache[i] if cache is not None else None, cross)
             if cfg.grad_checkpoint and self.training:
-                x = checkpoint(block, x, c, layer_cache, cross_ctx, use_reentrant=False)
+                x = checkpoint(self.blocks[b], *args, use_reentrant=False)
             else:
-                x = block(x, c, layer_cache, cross_ctx)
+                x = self.blocks[b](*args)
             if self.act is not None:
                 out = out + w[..., None].to(x.dtype) * x
         return self.norm_f(out if self.act is not None else x)
+
+    def context(self, mixer, pos, cache, pad, decoding) -> Context:
+        """What the layers of one mixer type read about this call. Attention layers (attn,
+        local_attn) read their keys' positions (decoding: their cache's slots) and the position
+        scheme's score bias; the others keep their own keys."""
+        kpos, bias = pos, None
+        if mixer in ("attn", "local_attn"):
+            if decoding:
+                kpos = cache[self.mixer_types.index(mixer)].positions(int(pos[-1]))
+            bias = self.position.score_bias(pos, kpos)
+        return Context(pos=pos, kpos=kpos, causal=self.config.architecture != "encoder_only",
+                       decoding=decoding, pad=pad, rope=self.position.rotary(pos, mixer),
+                       bias=bias, position=self.position)
+
+    def cross_context(self, pos, decoding, memory, memory_mask) -> Context:
+        """What cross-attention layers read: the encoder output (B, S, C) and its padding (B, S)."""
+        if memory is None:
+            raise ValueError("this decoder has cross-attention: pass memory= (the encoder output)")
+        pad = None if memory_mask is None else memory_mask.bool()[:, None, None, :]
+        return Context(pos=pos, kpos=torch.arange(memory.shape[1], device=pos.device), causal=False,
+                       decoding=decoding, pad=pad, memory=memory)
 
     def depth_signal(self, step, pos):                                   # -> (T, C) or (C,)
         if self.config.depth_embedding == "learned":
@@ -1195,69 +1548,75 @@ class Transformer(nn.Module):
         return self.step_table[step] + self.pos_table[pos]
 
     def embed(self, input_ids, pos, token_type_ids=None):
-        """Token (+ position, + token type) embeddings, normed and projected to d_model: (B, T, C)."""
+        """Token (+ position, + token type) embeddings, normed and projected: (B, T, C)."""
         cfg = self.config
-        if cfg.position in ("learned", "sinusoidal") and int(pos[-1]) >= cfg.block_size:
-            raise ValueError(f"position {int(pos[-1])} is beyond block_size={cfg.block_size} "
-                             f"(the position table's length); use a shorter input")
-        x = self.wte(input_ids)                                          # (B, T, C)
+        if self.position.bounded and int(pos[-1]) >= cfg.block_size:
+            raise ValueError(f"position {int(pos[-1])} is beyond block_size={cfg.block_size} (the "
+                             f"position table's length); use a shorter input")
+        x = self.wte(input_ids)                                          # (B, T, E)
         if cfg.embed_scale is not None:  # a tensor in the working dtype, as Gemma rounds it
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
-        if cfg.position == "learned":
-            x = x + self.wpe(pos + cfg.pos_offset)
-        if cfg.position == "sinusoidal":
-            x = x + self.wpe_table[pos].to(x.dtype)
+        table = self.position.table(pos)
+        if table is not None:
+            x = x + table.to(x.dtype)
         if cfg.type_vocab_size:
-            x = x + self.wtt(token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids))
+            types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+            x = x + self.wtt(types)
         return self.drop(self.embed_proj(self.embed_norm(x)))           # (B, T, C)
 
     # ------------------------------------------------------------------------------------------
     # 5. Inference: cache and generation
 
     def setup_cache(self, batch_size, max_len, dtype=None, device=None):
-        """Static per-layer KV caches for `max_len` positions; sliding-window layers hold only the window."""
+        """Per-layer decoding state for `max_len` positions: static KV caches (sliding-window
+        layers hold only their window, as a ring buffer), DeltaNet states, block memories."""
         p = self.lm_head.weight
-        dtype, device = dtype or p.dtype, device or p.device
-        cfg = self.config
+        dtype, device, cfg = dtype or p.dtype, device or p.device, self.config
         if cfg.moe_router == "expert_choice" and any(f == "moe" for _, f in self.layer_types):
-            raise ValueError("moe_router='expert_choice' is not causal (experts pick among all tokens of a call), so "
-                             "cached decoding cannot route as training did; sample from a token_choice model")
-        make = {"attn": lambda: KVCache(batch_size, cfg.kv_heads, max_len, cfg.hs, None, dtype, device),
-                "local_attn": lambda: KVCache(batch_size, cfg.kv_heads, max_len, cfg.hs, cfg.sliding_window,
-                                              dtype, device),
+            raise ValueError("moe_router='expert_choice' is not causal (experts pick among all "
+                             "tokens of a call), so cached decoding cannot route as training did; "
+                             "sample from a token_choice model")
+        kv = lambda window=None: KVCache(batch_size, cfg.kv_heads, max_len, cfg.hs, window, dtype,
+                                         device)
+        make = {"attn": kv, "local_attn": lambda: kv(cfg.sliding_window),
                 "deltanet": lambda: DeltaNetState(batch_size, cfg, dtype, device),
                 "block_attn": BlockMemory, "recurrent": BlockMemory}
         caches = [make[t]() for t in self.mixer_types]
         for c in caches if cfg.cross_attention else ():
-            c.cross = CrossKV()  # a decoder layer's cross-attention K/V ride along with its own cache
+            c.cross = CrossKV()  # a decoder layer's cross-attention K/V ride along with its cache
         return caches
 
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, min_p=None,
-                 repetition_penalty=1.0, stop_tokens=(), generator=None, callback=None):
+    def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 min_p=None, repetition_penalty=1.0, stop_tokens=(), generator=None, callback=None):
         """Sample up to max_new_tokens after input_ids (B, T); returns (B, T + n) token ids.
 
         temperature 0 is greedy. Filters apply in the order top_k, top_p, min_p. A row stops at
         any of stop_tokens (later positions repeat the stop token). callback(ids (B,)) streams.
         """
-        if self.config.architecture != "decoder_only":
-            raise ValueError(f"generate() samples from decoder-only models; this one is {self.config.architecture}")
+        cfg = self.config
+        if cfg.architecture != "decoder_only":
+            raise ValueError(f"generate() samples from decoder-only models; this one is "
+                             f"{cfg.architecture}")
         check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+        check_inputs(input_ids)
+        check_ids(input_ids, cfg.vocab_size)
         B, T = input_ids.shape
-        absolute = self.config.position in ("learned", "sinusoidal")  # a hard limit; RoPE may run past it
-        if T > self.config.block_size or (absolute and T + max_new_tokens > self.config.block_size):
-            raise ValueError(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} exceeds the context of "
-                             f"{self.config.block_size} tokens; shorten the prompt or ask for fewer tokens")
+        if T > cfg.block_size or (cfg.positions_bounded and T + max_new_tokens > cfg.block_size):
+            raise ValueError(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} exceeds the "
+                             f"context of {cfg.block_size} tokens; shorten the prompt or ask for "
+                             f"fewer tokens")
         cache = self.setup_cache(B, T + max_new_tokens, device=input_ids.device)
-        step = lambda ids, pos: self(ids, cache=cache, input_pos=pos).logits[:, -1]  # noqa: E731
-        return sample_loop(step, input_ids, max_new_tokens, temperature, generator, repetition_penalty,
-                           stop_tokens, callback, top_k=top_k, top_p=top_p, min_p=min_p)
+        step = lambda ids, pos: self(ids, cache=cache, input_pos=pos).logits[:, -1]
+        return sample_loop(step, input_ids, max_new_tokens, temperature, generator,
+                           repetition_penalty, stop_tokens, callback, top_k=top_k, top_p=top_p,
+                           min_p=min_p)
 
 
 class EncoderDecoder(Transformer):
-    """An encoder over the source and a decoder with cross-attention over the target (arXiv:1706.03762).
-    Both stacks are Transformers sharing one token embedding; `Transformer(cfg)` builds this class when
-    cfg.architecture is encoder_decoder."""
+    """An encoder over the source and a decoder with cross-attention over the target
+    (arXiv:1706.03762). Both stacks are Transformers sharing one token embedding;
+    `Transformer(cfg)` builds this class when cfg.architecture is encoder_decoder."""
 
     def __init__(self, cfg: Config):
         nn.Module.__init__(self)
@@ -1269,58 +1628,76 @@ class EncoderDecoder(Transformer):
             self.decoder.lm_head.weight = self.encoder.wte.weight
 
     def get_num_params(self, non_embedding=False):
-        """Parameter count (the shared embedding and a tied head once); non_embedding drops the token
-        table and both stacks' position tables."""
+        """Parameter count (the shared embedding and a tied head once); non_embedding drops the
+        token table and both stacks' position tables."""
         n = sum(p.numel() for p in self.parameters())
-        tables = sum(s.get_num_params() - s.get_num_params(True) for s in (self.encoder, self.decoder))
-        return n - (tables - self.encoder.wte.weight.numel() if non_embedding else 0)   # wte is in both stacks
+        tables = sum(s.get_num_params() - s.get_num_params(True) for s in (self.encoder,
+                                                                           self.decoder))
+        return n - (tables - self.encoder.wte.weight.numel() if non_embedding else 0)  # wte twice
 
-    def forward(self, input_ids, decoder_input_ids=None, targets=None, attention_mask=None, cache=None,
-                input_pos=None, memory=None) -> ModelOutput:
+    def forward(self, input_ids, decoder_input_ids=None, targets=None, attention_mask=None,
+                cache=None, input_pos=None, memory=None) -> ModelOutput:
         """Source input_ids (B, S) with padding attention_mask (B, S); decoder_input_ids (B, T) ->
         ModelOutput over the target. `memory` skips the encoder (cached generation passes it)."""
         if decoder_input_ids is None:
-            raise ValueError("an encoder-decoder needs decoder_input_ids (the target shifted right)")
+            raise ValueError("an encoder-decoder needs decoder_input_ids (the target, shifted "
+                             "right)")
+        check_inputs(decoder_input_ids, "decoder_input_ids", targets=targets)
         if memory is None:
+            check_inputs(input_ids, attention_mask=attention_mask)
             memory = self.encoder.hidden(input_ids, attention_mask=attention_mask)   # (B, S, C)
-        out = self.decoder(decoder_input_ids, targets, cache, input_pos, memory=memory, memory_mask=attention_mask)
-        enc_aux = sum((m.aux_loss for m in self.encoder.aux_modules), torch.zeros((), device=memory.device))
+        out = self.decoder(decoder_input_ids, targets, cache, input_pos, memory=memory,
+                           memory_mask=attention_mask)
+        enc_aux = sum((m.aux_loss for m in self.encoder.aux_modules),
+                      torch.zeros((), device=memory.device))
         return out._replace(aux_loss=out.aux_loss + enc_aux)
 
     def setup_cache(self, batch_size, max_len, dtype=None, device=None):
         return self.decoder.setup_cache(batch_size, max_len, dtype, device)
 
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, min_p=None,
-                 repetition_penalty=1.0, stop_tokens=(), generator=None, callback=None, attention_mask=None):
+    def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 min_p=None, repetition_penalty=1.0, stop_tokens=(), generator=None, callback=None,
+                 attention_mask=None):
         """Encode input_ids (B, S) once, then sample the target from decoder_start_token_id;
         returns (B, 1 + n) target ids, the start token first. Options as in Transformer.generate."""
         check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
-        B = input_ids.shape[0]
-        absolute = self.decoder.config.position in ("learned", "sinusoidal")  # a hard limit; RoPE may run past it
-        if absolute and 1 + max_new_tokens > self.decoder.config.block_size:
+        check_inputs(input_ids, attention_mask=attention_mask)
+        check_ids(input_ids, self.config.vocab_size)
+        B, dec = input_ids.shape[0], self.decoder.config
+        if dec.positions_bounded and 1 + max_new_tokens > dec.block_size:
             raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the decoder context of "
-                             f"{self.decoder.config.block_size} tokens; ask for fewer tokens")
+                             f"{dec.block_size} tokens; ask for fewer tokens")
         memory = self.encoder.hidden(input_ids, attention_mask=attention_mask)
         cache = self.setup_cache(B, 1 + max_new_tokens, device=input_ids.device)
-        step = lambda ids, pos: self(None, ids, attention_mask=attention_mask, cache=cache,  # noqa: E731
+        step = lambda ids, pos: self(None, ids, attention_mask=attention_mask, cache=cache,
                                      input_pos=pos, memory=memory).logits[:, -1]
-        start = torch.full((B, 1), self.config.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
-        return sample_loop(step, start, max_new_tokens, temperature, generator, repetition_penalty,
-                           stop_tokens, callback, top_k=top_k, top_p=top_p, min_p=min_p)
+        start = torch.full((B, 1), self.config.decoder_start_token_id, dtype=torch.long,
+                           device=input_ids.device)
+        return sample_loop(step, start, max_new_tokens, temperature, generator,
+                           repetition_penalty, stop_tokens, callback, top_k=top_k, top_p=top_p,
+                           min_p=min_p)
 
 
-def sample_loop(step, seq, max_new_tokens, temperature, generator, repetition_penalty, stop_tokens, callback,
-                **filters):
-    """Prefill `seq` (B, T) with step(ids, pos) -> next-token logits (B, V), then sample one token at a
-    time; a row that emits a stop token repeats it. Returns (B, T + n)."""
+ARCHITECTURES = {"decoder_only": Transformer, "encoder_only": Transformer,
+                 "encoder_decoder": EncoderDecoder}
+
+# ----------------------------------------------------------------------------------------------
+# 5. Inference: the generation loop and the sampling ladder
+
+
+def sample_loop(step, seq, max_new_tokens, temperature, generator, repetition_penalty, stop_tokens,
+                callback, **filters):
+    """Prefill `seq` (B, T) with step(ids, pos) -> next-token logits (B, V), then sample one token
+    at a time; a row that emits a stop token repeats it. Returns (B, T + n)."""
     B, T = seq.shape
     done = torch.zeros(B, dtype=torch.bool, device=seq.device)
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=seq.device)
     logits = step(seq, torch.arange(T, device=seq.device))
     for i in range(max_new_tokens):
         logits = apply_repetition_penalty(logits, seq, repetition_penalty)
-        nxt = torch.where(done, seq[:, -1], sample(logits, temperature, generator, **filters))   # (B,)
+        nxt = sample(logits, temperature, generator, **filters)                 # (B,)
+        nxt = torch.where(done, seq[:, -1], nxt)
         seq = torch.cat((seq, nxt[:, None]), dim=1)
         if callback is not None:
             callback(nxt)
@@ -1329,45 +1706,6 @@ def sample_loop(step, seq, max_new_tokens, temperature, generator, repetition_pe
             break
         logits = step(nxt[:, None], torch.tensor([T + i], device=seq.device))
     return seq
-
-
-class CrossKV:
-    """Cross-attention keys and values of one decoder layer, computed from the encoder output at prefill."""
-    k = v = None
-
-
-class KVCache(nn.Module):
-    """Static, preallocated K/V of one layer. With `window`, a ring buffer of `window` slots."""
-
-    def __init__(self, batch_size, n_kv_head, max_len, head_dim, window=None, dtype=None, device=None):
-        super().__init__()
-        self.slots = min(max_len, window) if window else max_len
-        shape = (batch_size, n_kv_head, self.slots, head_dim)                  # (B, nkv, S, hs)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, pos, k, v):      # pos: (T,) absolute positions; k, v: (B, nkv, T, hs)
-        if len(pos) > 1 and int(pos[0]) > 0 and int(pos[-1]) >= self.slots:
-            raise ValueError(f"a {len(pos)}-token chunk at position {int(pos[0])} would overwrite ring-buffer "
-                             f"slots it still reads; prefill from position 0, then decode one token at a time")
-        if len(pos) > self.slots:    # a prefill longer than the window keeps only its last slots
-            pos, k, v = pos[-self.slots:], k[:, :, -self.slots:], v[:, :, -self.slots:]
-        slot = pos % self.slots       # the identity unless this is a sliding-window layer
-        self.k.index_copy_(2, slot, k.to(self.k.dtype))
-        self.v.index_copy_(2, slot, v.to(self.v.dtype))
-        return self.k, self.v         # (B, nkv, S, hs); the caller reads only the slots written so far
-
-
-class DeltaNetState(nn.Module):
-    """A Gated DeltaNet layer's O(1) decoding state: the last dn_conv-1 conv inputs and S (fp32)."""
-
-    def __init__(self, batch_size, cfg: Config, dtype=None, device=None):
-        super().__init__()
-        nk, nv = cfg.dn_heads, cfg.dn_v_heads or cfg.dn_heads
-        dk, dv = cfg.dn_head_dim, cfg.dn_v_head_dim or cfg.dn_head_dim
-        conv = torch.zeros(batch_size, 2 * nk * dk + nv * dv, cfg.dn_conv - 1, dtype=dtype, device=device)
-        self.register_buffer("conv", conv, persistent=False)                      # (B, Cqkv, K-1)
-        self.register_buffer("S", torch.zeros(batch_size, nv, dk, dv, device=device), persistent=False)
 
 
 def check_sampling(temperature, top_k, top_p, min_p, repetition_penalty):
@@ -1388,11 +1726,13 @@ def top_k_filter(logits, k):          # keep the k largest logits
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def top_p_filter(logits, p):          # nucleus (Holtzman et al. 2019): smallest set with mass >= p
-    sorted_logits, idx = torch.sort(logits, dim=-1)    # ascending: summing the tail from its smallest
-    probs = F.softmax(sorted_logits, dim=-1)           # terms keeps it exact (a top-down cumsum hits 1.0
-    drop = probs.cumsum(-1) <= 1 - p                   # early in fp32, and p = 1 would drop tokens)
-    drop[..., -1] = False                              # the unlikeliest tokens with mass <= 1 - p go; the top stays
+def top_p_filter(logits, p):
+    """Nucleus sampling (Holtzman et al. 2019): the smallest set with mass >= p. The mass is summed
+    from the unlikeliest token up, which keeps it exact: a top-down cumsum reaches 1.0 early in
+    fp32, and p = 1 would drop tokens. The tokens whose tail mass is <= 1 - p go; the top stays."""
+    sorted_logits, idx = torch.sort(logits, dim=-1)                           # ascending
+    drop = F.softmax(sorted_logits, dim=-1).cumsum(-1) <= 1 - p
+    drop[..., -1] = False
     return logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
 
 
@@ -1401,11 +1741,11 @@ def min_p_filter(logits, p):          # keep tokens with prob >= p * max prob
     return logits.masked_fill(probs < p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
 
 
-LOGIT_FILTERS = {"top_k": top_k_filter, "top_p": top_p_filter, "min_p": min_p_filter}  # applied in this order
+LOGIT_FILTERS = {"top_k": top_k_filter, "top_p": top_p_filter, "min_p": min_p_filter}  # in order
 
 
 def apply_repetition_penalty(logits, prev_ids, penalty):
-    """CTRL's penalty (arXiv:1909.05858): seen tokens' logits are divided (>0) or multiplied (<0) by it."""
+    """CTRL's penalty (arXiv:1909.05858): seen tokens' logits are divided (> 0) or multiplied."""
     if penalty == 1.0:
         return logits
     seen = torch.gather(logits, -1, prev_ids)
@@ -1413,7 +1753,7 @@ def apply_repetition_penalty(logits, prev_ids, penalty):
 
 
 def sample(logits, temperature=1.0, generator=None, **filters):
-    """logits (B, V) -> token ids (B,). temperature 0 = argmax; filters: top_k, top_p, min_p (None = off)."""
+    """logits (B, V) -> ids (B,). temperature 0 = argmax; filters top_k, top_p, min_p (None off)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -1424,27 +1764,29 @@ def sample(logits, temperature=1.0, generator=None, **filters):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-ARCHITECTURES = {"decoder_only": Transformer, "encoder_only": Transformer, "encoder_decoder": EncoderDecoder}
-
 # ----------------------------------------------------------------------------------------------
-# 6. Import: our checkpoints
+# 6. Checkpoints (ours). HF-format directories: Transformer.from_pretrained, in hf.py
 
 
 def save_checkpoint(path, model, **extra):
-    """Write {"model", "config", **extra} atomically: a crash leaves the old file or none, never half a file."""
+    """Write {"model", "config", **extra} atomically: a crash leaves the old file or none."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.config), **extra}, tmp)
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(model.config), **extra},
+               tmp)
     os.replace(tmp, path)
 
 
 def load_checkpoint(path, map_location="cpu"):
     """torch.load with weights_only=True (never unpickles arbitrary objects); one-line errors."""
+    if Path(path).is_dir():
+        raise ValueError(f"checkpoint {path} is a directory; pass the checkpoint file in it "
+                         f"(train.py writes {Path(path) / 'ckpt.pt'})")
     if not Path(path).is_file():
         raise ValueError(f"checkpoint {path} does not exist; pass the ckpt.pt that train.py wrote")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, bad pickle, foreign objects: all mean "not a usable checkpoint"
+    except Exception as e:  # truncated zip, bad pickle, foreign objects: not a usable checkpoint
         raise ValueError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); "
                          f"re-save it or use another file") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
@@ -1458,465 +1800,12 @@ def from_checkpoint(ckpt):
     model = ARCHITECTURES[cfg.architecture](cfg)
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     if missing or unexpected:
-        raise ValueError(f"checkpoint weights do not match its {cfg.architecture} config "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]}); was it written by another version?")
+        raise ValueError(f"checkpoint weights do not match its {cfg.architecture} config (missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]}); was it written by another "
+                         f"version?")
     return model
 
 
-# ----------------------------------------------------------------------------------------------
-# 6. Import: HF-format directories (config.json + safetensors)
-
-HF_LAYER_TYPES = {"full_attention": "attn", "sliding_attention": "local_attn", "linear_attention": "deltanet"}
-HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-                  "relu": "relu", "silu": "silu", "swish": "silu"}
-
-
-def hf_rope(hf, rope):
-    """Our rope_* fields from one HF rope_parameters entry (v5) or the older rope_theta/rope_scaling."""
-    rope = rope or {"rope_theta": hf.get("rope_theta", 10000.0), **(hf.get("rope_scaling") or {})}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    out = {"rope_theta": rope["rope_theta"], "rope_scaling": "none" if kind == "default" else kind}
-    if kind != "default":
-        out["rope_factor"] = rope["factor"]
-        out["rope_original_max_len"] = rope.get("original_max_position_embeddings", hf["max_position_embeddings"])
-    if kind == "llama3":
-        out["rope_low_freq_factor"], out["rope_high_freq_factor"] = rope["low_freq_factor"], rope["high_freq_factor"]
-    return out
-
-
-def hf_gpt2_config(hf):
-    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
-        raise ValueError("GPT-2 options scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported")
-    return dict(attn_scale=None if hf.get("scale_attn_weights", True) else 1.0,vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-                n_head=hf["n_head"], d_model=hf["n_embd"], d_ff=hf.get("n_inner"),
-                norm_eps=hf["layer_norm_epsilon"], activation=HF_ACTIVATIONS[hf["activation_function"]],
-                tie_embeddings=hf.get("tie_word_embeddings", True))
-
-
-def hf_llama_config(hf):
-    """LLaMA and its descendants: Mistral (window everywhere), Qwen3 (QK-norm), Gemma 2/3."""
-    d, L = hf["hidden_size"], hf["num_hidden_layers"]
-    rope = hf.get("rope_parameters") or {}
-    cfg = dict(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"], n_layer=L,
-               n_head=hf["num_attention_heads"], n_kv_head=hf.get("num_key_value_heads"), d_model=d,
-               head_dim=hf.get("head_dim"), d_ff=hf["intermediate_size"], norm="rmsnorm",
-               norm_eps=hf["rms_norm_eps"], position="rope", bias=hf.get("attention_bias", False),
-               ffn_bias=hf.get("mlp_bias", False),
-               ffn="glu", activation=HF_ACTIVATIONS[hf.get("hidden_activation") or hf["hidden_act"]],
-               tie_embeddings=hf.get("tie_word_embeddings", True), sliding_window=hf.get("sliding_window"),
-               rope_fraction=rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
-    if "full_attention" in rope:  # Gemma 3: one RoPE per layer type
-        cfg.update(hf_rope(hf, rope["full_attention"]), rope_local_theta=rope["sliding_attention"]["rope_theta"])
-    else:
-        cfg.update(hf_rope(hf, rope))
-    if hf.get("layer_types"):
-        cfg["layer_pattern"] = [HF_LAYER_TYPES[t] for t in hf["layer_types"]]
-    elif hf.get("sliding_window"):  # Mistral: every layer slides
-        cfg["layer_pattern"] = ["local_attn"]
-    return cfg
-
-
-def hf_qwen3_config(hf):
-    return {**hf_llama_config(hf), "qk_norm": True}
-
-
-def hf_gemma_config(hf):
-    return {**hf_llama_config(hf), "norm_unit_offset": True, "norm_placement": "sandwich",
-            "embed_scale": hf["hidden_size"] ** 0.5, "attn_scale": hf["query_pre_attn_scalar"] ** -0.5,
-            "attn_softcap": hf.get("attn_logit_softcapping"), "final_softcap": hf.get("final_logit_softcapping"),
-            "tie_embeddings": True}
-
-
-def hf_gemma3_config(hf):  # Gemma 3 adds QK-norm and drops the attention softcap
-    if hf.get("use_bidirectional_attention"):
-        raise ValueError("Gemma 3 use_bidirectional_attention (the embedding variant) is not supported")
-    return {**hf_gemma_config(hf), "qk_norm": True, "attn_softcap": None}
-
-
-def hf_mixtral_config(hf):  # every layer MoE, top-k always renormalised
-    return {**hf_llama_config(hf), "ffn_pattern": ["moe"], "n_expert": hf["num_local_experts"],
-            "moe_top_k": hf["num_experts_per_tok"], "moe_renorm": True,
-            "moe_aux_weight": hf.get("router_aux_loss_coef", 0.01), "moe_pool_balance": True}
-
-
-def hf_qwen3_moe_config(hf):  # MoE where (i+1) % decoder_sparse_step == 0, except mlp_only_layers
-    step, dense = hf.get("decoder_sparse_step", 1), hf.get("mlp_only_layers") or []
-    pattern = ["moe" if i not in dense and (i + 1) % step == 0 else "dense" for i in range(hf["num_hidden_layers"])]
-    return {**hf_qwen3_config(hf), "ffn_pattern": pattern,
-            "n_expert": hf.get("num_local_experts") or hf["num_experts"],
-            "moe_top_k": hf["num_experts_per_tok"], "moe_d_ff": hf["moe_intermediate_size"],
-            "moe_renorm": hf.get("norm_topk_prob", False), "moe_aux_weight": hf.get("router_aux_loss_coef", 0.01),
-            "moe_pool_balance": True}  # HF's definition of the balance loss (see MoE)
-
-
-def hf_qwen3_next_config(hf):
-    """Qwen3-Next: Gated DeltaNet 3 : 1 gated attention, (1+w) norms, partial RoPE, MoE + shared expert."""
-    return {**hf_qwen3_moe_config(hf), "norm_unit_offset": True, "attn_gate": True,
-            "moe_renorm": hf.get("norm_topk_prob", True), "moe_shared_d_ff": hf["shared_expert_intermediate_size"],
-            "dn_heads": hf["linear_num_key_heads"], "dn_v_heads": hf["linear_num_value_heads"],
-            "dn_head_dim": hf["linear_key_head_dim"], "dn_v_head_dim": hf["linear_value_head_dim"],
-            "dn_conv": hf["linear_conv_kernel_dim"]}
-
-
-def hf_bert_config(hf):
-    """BERT: post-LN encoder, learned positions, token types, embedding LayerNorm, MLM + NSP heads."""
-    if hf.get("is_decoder"):
-        raise ValueError(f"{hf['model_type']} is_decoder=true (causal attention, cross-attention) is not supported; "
-                         f"the import reads bidirectional encoders")
-    return dict(architecture="encoder_only", vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
-                n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], d_model=hf["hidden_size"],
-                d_ff=hf["intermediate_size"], norm_eps=hf["layer_norm_eps"], norm_placement="post",
-                final_norm=False, activation=HF_ACTIVATIONS[hf["hidden_act"]], type_vocab_size=hf["type_vocab_size"],
-                embed_norm=True, head_transform=True, head_bias=True, cls_head=True,
-                tie_embeddings=hf.get("tie_word_embeddings", True))
-
-
-def hf_albert_config(hf):
-    """ALBERT: BERT with factorised embeddings (E < H) and blocks shared across layer groups; SOP head."""
-    if hf.get("inner_group_num", 1) != 1:
-        raise ValueError(f"ALBERT inner_group_num={hf['inner_group_num']} is not supported (released models use 1)")
-    return {**hf_bert_config(hf), "embed_dim": hf["embedding_size"], "layer_groups": hf["num_hidden_groups"]}
-
-
-DEBERTA_V3 = {  # HF option -> (its default, what the import implements, test of the value)
-    "relative_attention": (False, "true", bool),
-    "position_biased_input": (True, "false (no absolute positions)", lambda v: not v),
-    "share_att_key": (False, "true", bool),
-    "pos_att_type": (None, "c2p|p2c",  # a list, or in v3's hub files the string "p2c|c2p"
-                     lambda v: sorted(v.split("|") if isinstance(v, str) else v or []) == ["c2p", "p2c"]),
-    "position_buckets": (-1, "> 0", lambda v: v > 0),
-    "norm_rel_ebd": ("none", "layer_norm", lambda v: "layer_norm" in v),
-    "conv_kernel_size": (0, "0 (no convolution layer)", lambda v: not v),
-    "type_vocab_size": (0, "0", lambda v: not v),
-}
-
-
-def hf_deberta_config(hf):
-    """DeBERTa-v3: BERT's post-LN encoder with disentangled attention over log-bucketed relative positions."""
-    for key, (default, need, ok) in DEBERTA_V3.items():
-        if not ok(hf.get(key, default)):
-            raise ValueError(f"DeBERTa {key}={hf.get(key, default)!r} is not supported; the import implements "
-                             f"DeBERTa-v3-style configs ({key} {need})")
-    if hf.get("embedding_size", hf["hidden_size"]) != hf["hidden_size"]:  # v2's embed_proj sits before the norm
-        raise ValueError(f"DeBERTa embedding_size={hf['embedding_size']} != hidden_size={hf['hidden_size']} "
-                         f"is not supported; the import implements DeBERTa-v3-style configs (no embed_proj)")
-    hs = hf["hidden_size"] // hf["num_attention_heads"]
-    max_rel = hf.get("max_relative_positions", -1)
-    return {**hf_bert_config(hf), "position": "disentangled", "cls_head": False,
-            "rel_buckets": hf["position_buckets"],
-            "rel_max_distance": max_rel if max_rel > 0 else hf["max_position_embeddings"],
-            "attn_scale": (3 * hs) ** -0.5}  # q·k and both relative terms share sqrt(3·hs)
-
-
-def hf_bart_config(hf):
-    """BART: post-LN encoder-decoder, learned positions offset by 2, layernorm_embedding, final_logits_bias."""
-    stacks = {part: dict(n_layer=hf[f"{part}_layers"], n_head=hf[f"{part}_attention_heads"],
-                         d_ff=hf[f"{part}_ffn_dim"]) for part in ("encoder", "decoder")}
-    return dict(architecture="encoder_decoder", **stacks, vocab_size=hf["vocab_size"], d_model=hf["d_model"],
-                n_layer=hf["decoder_layers"], n_head=hf["decoder_attention_heads"],
-                block_size=hf["max_position_embeddings"], pos_offset=2, embed_norm=True, norm_placement="post",
-                final_norm=False, head_bias=True, activation=HF_ACTIVATIONS[hf["activation_function"]],
-                embed_scale=hf["d_model"] ** 0.5 if hf.get("scale_embedding") else None,
-                decoder_start_token_id=hf["decoder_start_token_id"])
-
-
-def hf_marian_config(hf):
-    """Marian (the original Transformer for NMT): BART's layout with sinusoidal positions and no embedding norm."""
-    if not hf.get("share_encoder_decoder_embeddings", True):
-        raise ValueError("Marian share_encoder_decoder_embeddings=false (separate source and target vocabularies) "
-                         "is not supported; the import shares one embedding between encoder and decoder")
-    return {**hf_bart_config(hf), "position": "sinusoidal", "pos_offset": 0, "embed_norm": False}
-
-
-def hf_t5_config(hf):
-    """T5: pre-norm RMSNorm encoder-decoder, relative position bias, no attention scaling, no biases."""
-    gated = hf.get("is_gated_act", hf["feed_forward_proj"].startswith("gated"))
-    return dict(architecture="encoder_decoder", vocab_size=hf["vocab_size"], d_model=hf["d_model"],
-                head_dim=hf["d_kv"], d_ff=hf["d_ff"], n_head=hf["num_heads"], n_layer=hf["num_layers"],
-                decoder=dict(n_layer=hf.get("num_decoder_layers") or hf["num_layers"]),
-                block_size=hf.get("n_positions", 512), norm="rmsnorm", norm_eps=hf["layer_norm_epsilon"],
-                position="relative_bias", rel_buckets=hf["relative_attention_num_buckets"],
-                rel_max_distance=hf["relative_attention_max_distance"], attn_scale=1.0, bias=False,
-                ffn="glu" if gated else "mlp", activation=HF_ACTIVATIONS[hf.get("dense_act_fn", "relu")],
-                head_input_scale=hf["d_model"] ** -0.5 if hf.get("scale_decoder_outputs",
-                                                                  hf.get("tie_word_embeddings", True)) else None,
-                decoder_start_token_id=hf.get("decoder_start_token_id") or 0)
-
-
-# HF weight name -> ours; {} is the layer (and expert) index. Transposes and splits are listed per family.
-LLAMA_KEYS = {
-    "model.embed_tokens.weight": "wte.weight",
-    "model.norm.weight": "norm_f.weight",
-    "lm_head.weight": "lm_head.weight",
-    **{f"model.layers.{{}}.self_attn.{p}_proj.{w}": f"blocks.{{}}.mixer.{p}_proj.{w}"
-       for p in "qkvo" for w in ("weight", "bias")},
-    "model.layers.{}.self_attn.q_norm.weight": "blocks.{}.mixer.q_norm.weight",
-    "model.layers.{}.self_attn.k_norm.weight": "blocks.{}.mixer.k_norm.weight",
-    **{f"model.layers.{{}}.mlp.{p}_proj.{w}": f"blocks.{{}}.ffn.{p}.{w}" for p in ("gate", "up", "down")
-       for w in ("weight", "bias")},
-    "model.layers.{}.input_layernorm.weight": "blocks.{}.norm_1.weight",
-    "model.layers.{}.post_attention_layernorm.weight": "blocks.{}.norm_2.weight",
-}
-GEMMA_KEYS = {  # sandwich norms: post_attention_layernorm is the norm *after* attention
-    **LLAMA_KEYS,
-    "model.layers.{}.post_attention_layernorm.weight": "blocks.{}.post_norm_1.weight",
-    "model.layers.{}.pre_feedforward_layernorm.weight": "blocks.{}.norm_2.weight",
-    "model.layers.{}.post_feedforward_layernorm.weight": "blocks.{}.post_norm_2.weight",
-}
-GPT2_KEYS = {  # Conv1D weights are (in, out): transposed on load; c_attn is split into q, k, v
-    "wte.weight": "wte.weight", "wpe.weight": "wpe.weight",
-    "ln_f.weight": "norm_f.weight", "ln_f.bias": "norm_f.bias",
-    **{f"h.{{}}.{a}.{w}": f"blocks.{{}}.{b}.{w}" for a, b in [("ln_1", "norm_1"), ("ln_2", "norm_2"),
-       ("attn.c_proj", "mixer.o_proj"), ("mlp.c_fc", "ffn.up"), ("mlp.c_proj", "ffn.down")]
-       for w in ("weight", "bias")},
-    "h.{}.attn.c_attn.weight": "blocks.{}.mixer.qkv.weight",
-    "h.{}.attn.c_attn.bias": "blocks.{}.mixer.qkv.bias",
-}
-MOE_KEYS = {  # Qwen3-MoE (Mixtral: block_sparse_moe.{gate, experts.{}.w1|w3|w2}); fix_moe stacks the experts
-    **LLAMA_KEYS,
-    "model.layers.{}.mlp.gate.weight": "blocks.{}.ffn.router.weight",
-    **{f"model.layers.{{}}.mlp.experts.{{}}.{p}_proj.weight": f"blocks.{{}}.ffn.experts.{{}}.{p}.weight"
-       for p in ("gate", "up", "down")},
-}
-MIXTRAL_KEYS = {
-    **LLAMA_KEYS,
-    "model.layers.{}.block_sparse_moe.gate.weight": "blocks.{}.ffn.router.weight",
-    **{f"model.layers.{{}}.block_sparse_moe.experts.{{}}.{w}.weight": f"blocks.{{}}.ffn.experts.{{}}.{p}.weight"
-       for w, p in (("w1", "gate"), ("w3", "up"), ("w2", "down"))},
-}
-BERT_LAYER = {"attention.self.query": "mixer.q_proj", "attention.self.key": "mixer.k_proj",
-              "attention.self.value": "mixer.v_proj", "attention.output.dense": "mixer.o_proj",
-              "attention.output.LayerNorm": "norm_1", "intermediate.dense": "ffn.up",
-              "output.dense": "ffn.down", "output.LayerNorm": "norm_2"}
-BERT_HEADS = {"pooler.dense": "pooler", "cls.predictions.transform.dense": "head_transform.0",
-              "cls.predictions.transform.LayerNorm": "head_transform.2", "cls.predictions.decoder": "lm_head",
-              "cls.seq_relationship": "cls"}
-BERT_KEYS = {
-    **{f"bert.embeddings.{a}_embeddings.weight": f"{b}.weight" for a, b in [("word", "wte"), ("position", "wpe"),
-                                                                            ("token_type", "wtt")]},
-    **{f"bert.embeddings.LayerNorm.{w}": f"embed_norm.{w}" for w in ("weight", "bias")},
-    **{f"bert.encoder.layer.{{}}.{a}.{w}": f"blocks.{{}}.{b}.{w}" for a, b in BERT_LAYER.items() for w in ("weight", "bias")},
-    **{f"{'bert.' if a.startswith('pooler') else ''}{a}.{w}": f"{b}.{w}" for a, b in BERT_HEADS.items()
-       for w in ("weight", "bias")},
-    "cls.predictions.bias": "lm_head.bias",
-}
-ALBERT_LAYER = {"attention.query": "mixer.q_proj", "attention.key": "mixer.k_proj", "attention.value": "mixer.v_proj",
-                "attention.dense": "mixer.o_proj", "attention.LayerNorm": "norm_1", "ffn": "ffn.up",
-                "ffn_output": "ffn.down", "full_layer_layer_norm": "norm_2"}
-ALBERT_HEADS = {"albert.pooler": "pooler", "predictions.dense": "head_transform.0",
-                "predictions.LayerNorm": "head_transform.2", "predictions.decoder": "lm_head",
-                "sop_classifier.classifier": "cls", "albert.embeddings.LayerNorm": "embed_norm",
-                "albert.encoder.embedding_hidden_mapping_in": "embed_proj"}
-ALBERT_KEYS = {  # group g, inner layer 0: blocks.{0} takes the group index only
-    **{k.replace("bert.", "albert."): v for k, v in BERT_KEYS.items() if "_embeddings" in k},
-    **{f"albert.encoder.albert_layer_groups.{{}}.albert_layers.{{}}.{a}.{w}": f"blocks.{{0}}.{b}.{w}"
-       for a, b in ALBERT_LAYER.items() for w in ("weight", "bias")},
-    **{f"{a}.{w}": f"{b}.{w}" for a, b in ALBERT_HEADS.items() for w in ("weight", "bias")},
-    "predictions.bias": "lm_head.bias",
-}
-BART_LAYER = {**{f"{a}_attn.{p}_proj": f"{b}.{p}_proj" for a, b in (("self", "mixer"), ("encoder", "cross"))
-                for p in "qkv"},
-              "self_attn.out_proj": "mixer.o_proj", "encoder_attn.out_proj": "cross.o_proj",
-              "self_attn_layer_norm": "norm_1", "encoder_attn_layer_norm": "norm_x",
-              "fc1": "ffn.up", "fc2": "ffn.down", "final_layer_norm": "norm_2"}
-BART_KEYS = {
-    "model.shared.weight": "encoder.wte.weight",
-    "lm_head.weight": "decoder.lm_head.weight",
-    "final_logits_bias": "decoder.lm_head.bias",
-    **{f"model.{s}.embed_tokens.weight": f"{s}.wte.weight" for s in ("encoder", "decoder")},
-    **{f"model.{s}.embed_positions.weight": f"{s}.wpe.weight" for s in ("encoder", "decoder")},
-    **{f"model.{s}.layernorm_embedding.{w}": f"{s}.embed_norm.{w}" for s in ("encoder", "decoder")
-       for w in ("weight", "bias")},
-    **{f"model.{s}.layers.{{}}.{a}.{w}": f"{s}.blocks.{{}}.{b}.{w}" for s in ("encoder", "decoder")
-       for a, b in BART_LAYER.items() for w in ("weight", "bias")},
-}
-MARIAN_KEYS = {k: v for k, v in BART_KEYS.items() if "embed_positions" not in k}  # sinusoidal: not weights
-T5_LAYER = {  # (stack, sub-layer) -> our names; the decoder's sub-layer 1 is cross-attention
-    **{f"{s}.block.{{}}.layer.0.SelfAttention.{p}.weight": f"{s}.blocks.{{}}.mixer.{p}_proj.weight"
-       for s in ("encoder", "decoder") for p in "qkvo"},
-    **{f"decoder.block.{{}}.layer.1.EncDecAttention.{p}.weight": f"decoder.blocks.{{}}.cross.{p}_proj.weight"
-       for p in "qkvo"},
-    **{f"{s}.block.{{}}.layer.0.layer_norm.weight": f"{s}.blocks.{{}}.norm_1.weight" for s in ("encoder", "decoder")},
-    "decoder.block.{}.layer.1.layer_norm.weight": "decoder.blocks.{}.norm_x.weight",
-    **{f"{s}.block.{{}}.layer.{i}.layer_norm.weight": f"{s}.blocks.{{}}.norm_2.weight"
-       for s, i in (("encoder", 1), ("decoder", 2))},
-    **{f"{s}.block.{{}}.layer.{i}.DenseReluDense.{a}.weight": f"{s}.blocks.{{}}.ffn.{b}.weight"
-       for s, i in (("encoder", 1), ("decoder", 2))
-       for a, b in (("wi", "up"), ("wi_0", "gate"), ("wi_1", "up"), ("wo", "down"))},
-}
-T5_KEYS = {
-    **T5_LAYER,
-    "shared.weight": "encoder.wte.weight",
-    "lm_head.weight": "decoder.lm_head.weight",
-    **{f"{s}.embed_tokens.weight": f"{s}.wte.weight" for s in ("encoder", "decoder")},
-    **{f"{s}.final_layer_norm.weight": f"{s}.norm_f.weight" for s in ("encoder", "decoder")},
-    **{f"{s}.block.{{}}.layer.{{}}.SelfAttention.relative_attention_bias.weight": f"{s}.rel_bias.bias.weight"
-       for s in ("encoder", "decoder")},
-}
-DEBERTA_KEYS = {
-    "deberta.embeddings.word_embeddings.weight": "wte.weight",
-    **{f"deberta.embeddings.LayerNorm.{w}": f"embed_norm.{w}" for w in ("weight", "bias")},
-    "deberta.encoder.rel_embeddings.weight": "rel_embeddings.weight",
-    **{f"deberta.encoder.LayerNorm.{w}": f"rel_norm.{w}" for w in ("weight", "bias")},
-    **{f"deberta.encoder.layer.{{}}.{a}.{w}": f"blocks.{{}}.{b}.{w}" for w in ("weight", "bias") for a, b in
-       {**BERT_LAYER, **{f"attention.self.{p}_proj": f"mixer.{p[0]}_proj" for p in ("query", "key", "value")}}.items()
-       if not a.endswith(("query", "key", "value"))},
-    **{k: v for k, v in BERT_KEYS.items() if k.startswith("cls.predictions")},
-    # legacy=False names the same MLM head lm_predictions.lm_head.{dense, LayerNorm, bias}
-    **{f"lm_predictions.lm_head.{a}.{w}": f"head_transform.{b}.{w}" for a, b in (("dense", 0), ("LayerNorm", 2))
-       for w in ("weight", "bias")},
-    "lm_predictions.lm_head.bias": "lm_head.bias",
-}
-QWEN3_NEXT_KEYS = {
-    **MOE_KEYS,
-    **{f"model.layers.{{}}.linear_attn.{p}": f"blocks.{{}}.mixer.{q}" for p, q in [
-        ("in_proj_qkvz.weight", "in_proj_qkvz"), ("in_proj_ba.weight", "in_proj_ba"),
-        ("conv1d.weight", "conv.weight"), ("A_log", "A_log"), ("dt_bias", "dt_bias"),
-        ("norm.weight", "norm.weight"), ("out_proj.weight", "out_proj.weight")]},
-    **{f"model.layers.{{}}.mlp.shared_expert.{p}_proj.weight": f"blocks.{{}}.ffn.shared_expert.{p}.weight"
-       for p in ("gate", "up", "down")},
-    "model.layers.{}.mlp.shared_expert_gate.weight": "blocks.{}.ffn.shared_gate.weight",
-}
-
-
-def fix_gpt2(sd, cfg):
-    """Conv1D weights are (in, out): transpose to Linear's (out, in); split c_attn's [q | k | v]."""
-    for name in [n for n in sd if sd[n].dim() == 2 and not n.startswith(("wte", "wpe"))]:
-        sd[name] = sd[name].t()
-    for name in [n for n in sd if ".qkv." in n]:
-        for p, part in zip("qkv", sd.pop(name).split(cfg["d_model"], dim=0)):
-            sd[name.replace("qkv", f"{p}_proj")] = part
-
-
-def fix_moe(sd, cfg):
-    """HF stores each expert's matrices apart (ffn.experts.{e}.up.weight, ...); ours stacks them: (E, out, in)."""
-    for name in [n for n in sd if ".experts.0." in n]:
-        stem, part = name.split(".experts.0.")
-        sd[f"{stem}.{part.removesuffix('.weight')}"] = torch.stack(
-            [sd.pop(f"{stem}.experts.{e}.{part}") for e in range(cfg["n_expert"])])
-
-
-def fix_qwen3_next(sd, cfg):
-    """HF groups in_proj_qkvz and in_proj_ba rows per key head ([q_g, k_g, v_g, z_g], [b_g, a_g]);
-    ours is one in_proj with rows [q, k, v, z, b, a]."""
-    nk, dk, dv = cfg["dn_heads"], cfg["dn_head_dim"], cfg["dn_v_head_dim"]
-    r = cfg["dn_v_heads"] // nk
-    for name in [n for n in sd if n.endswith("in_proj_qkvz")]:
-        qkvz = sd.pop(name).unflatten(0, (nk, -1)).split([dk, dk, r * dv, r * dv], dim=1)   # each (nk, *, C)
-        ba = sd.pop(name.replace("qkvz", "ba")).unflatten(0, (nk, -1)).split([r, r], dim=1)
-        sd[name.replace("in_proj_qkvz", "in_proj.weight")] = torch.cat([p.flatten(0, 1) for p in qkvz + ba])
-    fix_moe(sd, cfg)
-
-
-def fix_bart(sd, cfg):
-    """final_logits_bias is a (1, V) buffer; ours is the head's (V,) bias."""
-    sd["decoder.lm_head.bias"] = sd["decoder.lm_head.bias"].flatten()
-
-
-def fix_masked_lm(sd, cfg):
-    """A *ForMaskedLM file has no pooler and no NSP/SOP classifier (a *ForPreTraining one has both)."""
-    cfg["cls_head"] = "cls.weight" in sd
-
-
-HF_FAMILIES = {  # model_type -> (config translation, key map, reshaping of the renamed weights)
-    "gpt2": (hf_gpt2_config, GPT2_KEYS, fix_gpt2),
-    "llama": (hf_llama_config, LLAMA_KEYS, None),
-    "mistral": (hf_llama_config, LLAMA_KEYS, None),
-    "qwen3": (hf_qwen3_config, LLAMA_KEYS, None),
-    "gemma2": (hf_gemma_config, GEMMA_KEYS, None),
-    "gemma3_text": (hf_gemma3_config, GEMMA_KEYS, None),
-    "mixtral": (hf_mixtral_config, MIXTRAL_KEYS, fix_moe),
-    "qwen3_moe": (hf_qwen3_moe_config, MOE_KEYS, fix_moe),
-    "qwen3_next": (hf_qwen3_next_config, QWEN3_NEXT_KEYS, fix_qwen3_next),
-    "bert": (hf_bert_config, BERT_KEYS, fix_masked_lm),
-    "albert": (hf_albert_config, ALBERT_KEYS, fix_masked_lm),
-    "deberta-v2": (hf_deberta_config, DEBERTA_KEYS, None),
-    "bart": (hf_bart_config, BART_KEYS, fix_bart),
-    "marian": (hf_marian_config, MARIAN_KEYS, fix_bart),
-    "t5": (hf_t5_config, T5_KEYS, None),
-}
-
-
-HF_IGNORED = ("attn.bias", "attn.masked_bias", "mtp.", "vision_tower.", "multi_modal_projector.",
-              "embed_positions", "rotary_emb.inv_freq")  # buffers, sinusoidal tables, parts we do not run
-
-
-def rename_hf_key(name, keys):
-    """Map one HF weight name to ours through a key table with {} for layer (and expert) indices; None = skip.
-    Every number is a {} first; failing that only the first (the layer), as T5's literal layer.0/1/2."""
-    parts = name.split(".")
-    numbers = [p for p in parts if p.isdigit()]
-    every = ".".join("{}" if p.isdigit() else p for p in parts)
-    first = ".".join(parts[:parts.index(numbers[0])] + ["{}"] + parts[parts.index(numbers[0]) + 1:]) if numbers else name
-    for template, args in ((every, numbers), (first, numbers[:1])):
-        if template in keys:
-            return keys[template].format(*args)
-    return None
-
-
-def load_hf_state_dict(hf_dir, keys):
-    """Read every safetensors file in hf_dir and rename its tensors to our names."""
-    from safetensors.torch import load_file  # lazy: only needed for HF directories
-    files = sorted(Path(hf_dir).glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{hf_dir} has no *.safetensors weights; save the HF model with save_pretrained()")
-    sd, unknown = {}, []
-    for f in files:
-        for name, t in load_file(str(f)).items():
-            name = name.removeprefix("transformer.")       # GPT-2 hub files may omit this prefix
-            name = name.replace("model.language_model.", "model.")  # multimodal Gemma 3 wrapper
-            ours = rename_hf_key(name, keys)
-            if ours is not None:
-                sd[ours] = t
-            elif not any(part in name for part in HF_IGNORED):
-                unknown.append(name)
-    if unknown:  # an unmapped weight means an option we do not implement: refuse rather than be wrong
-        raise ValueError(f"{hf_dir} holds weights the import does not know ({unknown[:3]}); "
-                         f"the checkpoint uses an option anyformer does not implement")
-    return sd
-
-
-def from_pretrained(hf_dir):
-    """Build a Transformer from a HF-format directory (config.json + safetensors) of a supported family."""
-    path = Path(hf_dir) / "config.json"
-    if not path.is_file():
-        raise ValueError(f"{hf_dir} has no config.json; pass a directory written by save_pretrained()")
-    hf = json.loads(path.read_text())
-    hf = {**hf, **hf.get("text_config", {})}
-    family = hf.get("model_type")
-    if family == "gemma3":  # multimodal wrapper: the text model's weights sit under language_model
-        family = "gemma3_text"
-    if family not in HF_FAMILIES:
-        raise ValueError(f"HF model_type {family!r} is not supported; supported: {sorted(HF_FAMILIES)}")
-    make_config, keys, fix = HF_FAMILIES[family]
-    raw = make_config(hf)
-    sd = load_hf_state_dict(hf_dir, keys)
-    if fix is not None:
-        fix(sd, raw)
-    # HF ties the head to the embedding unless the file holds a different lm_head.weight
-    head_key = next((k for k in sd if k.endswith("lm_head.weight")), None)
-    head = sd.pop(head_key) if head_key else None
-    embed = next(v for k, v in sd.items() if k.endswith("wte.weight"))
-    untie = head is not None and not torch.equal(head, embed)
-    cfg = Config.from_dict({**raw, "tie_embeddings": not untie})
-    model = Transformer(cfg)
-    if untie:
-        sd[head_key] = head
-    shared = {}  # one tensor under several names: a tied head, an encoder-decoder's one embedding
-    for name, p in model.named_parameters(remove_duplicate=False):
-        shared.setdefault(id(p), []).append(name)
-    for names in shared.values():
-        src = next((n for n in names if n in sd), None)
-        for n in names if src else ():
-            sd.setdefault(n, sd[src])
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{hf_dir}: weights do not match the {family} layout "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model.eval()
-
-
-Transformer.from_pretrained = staticmethod(from_pretrained)
 Transformer.from_checkpoint = staticmethod(from_checkpoint)
 
 if __name__ == "__main__":  # python model.py configs/X.yaml: parameter count and one forward pass

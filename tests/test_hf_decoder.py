@@ -19,51 +19,56 @@ V = 160                      # vocab
 WINDOW = 6                   # sliding window: prompt + new tokens run well past it
 PROMPT, NEW = 8, 20
 TOL = 1e-4
-SMALL = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_attention_heads=4, rms_norm_eps=1e-6,
-             max_position_embeddings=128, attn_implementation="eager")
-GEMMA = dict(SMALL, num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=20, sliding_window=WINDOW)
+SMALL = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+             rms_norm_eps=1e-6, max_position_embeddings=128, attn_implementation="eager")
+GEMMA = dict(SMALL, num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=20,
+             sliding_window=WINDOW)
+# a short original context: the llama3 band edges matter
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # short context: the band edges matter
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+GEMMA3_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+               "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0}}
+LAYERS = dict(num_hidden_layers=2, num_key_value_heads=2)
 
 # name -> (HF model class, HF config class, config kwargs)
 CASES = {
     "gpt2": ("GPT2LMHeadModel", "GPT2Config",
-             dict(vocab_size=V, n_embd=64, n_layer=3, n_head=4, n_inner=96, n_positions=64, layer_norm_epsilon=1e-4,
-                  bos_token_id=0, eos_token_id=0, attn_implementation="eager")),
-    "llama": ("LlamaForCausalLM", "LlamaConfig",
-              dict(SMALL, num_hidden_layers=2, num_key_value_heads=2, tie_word_embeddings=False)),
+             dict(vocab_size=V, n_embd=64, n_layer=3, n_head=4, n_inner=96, n_positions=64,
+                  layer_norm_epsilon=1e-4, bos_token_id=0, eos_token_id=0,
+                  attn_implementation="eager")),
+    "llama": ("LlamaForCausalLM", "LlamaConfig", dict(SMALL, **LAYERS, tie_word_embeddings=False)),
     "llama_llama3_tied": ("LlamaForCausalLM", "LlamaConfig",
-                          dict(SMALL, num_hidden_layers=2, num_key_value_heads=1, tie_word_embeddings=True,
-                               rope_parameters=LLAMA3)),
+                          dict(SMALL, num_hidden_layers=2, num_key_value_heads=1,
+                               tie_word_embeddings=True, rope_parameters=LLAMA3)),
     "mistral": ("MistralForCausalLM", "MistralConfig",
-                dict(SMALL, num_hidden_layers=2, num_key_value_heads=2, head_dim=24, sliding_window=WINDOW,
+                dict(SMALL, **LAYERS, head_dim=24, sliding_window=WINDOW,
                      rope_parameters={"rope_type": "default", "rope_theta": 1000.0})),
     "qwen3": ("Qwen3ForCausalLM", "Qwen3Config",
-              dict(SMALL, num_hidden_layers=2, num_key_value_heads=2, head_dim=24, tie_word_embeddings=True)),
-    "qwen3_sliding": ("Qwen3ForCausalLM", "Qwen3Config",  # layer 0 full, layer 1 sliding; untied head
-                      dict(SMALL, num_hidden_layers=2, num_key_value_heads=2, head_dim=24, use_sliding_window=True,
+              dict(SMALL, **LAYERS, head_dim=24, tie_word_embeddings=True)),
+    "qwen3_sliding": ("Qwen3ForCausalLM", "Qwen3Config",  # layer 0 full, layer 1 sliding; untied
+                      dict(SMALL, **LAYERS, head_dim=24, use_sliding_window=True,
                            sliding_window=WINDOW, max_window_layers=1)),
     "gemma2": ("Gemma2ForCausalLM", "Gemma2Config",  # layer_types default: local, global, local
-               dict(GEMMA, num_hidden_layers=3, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
-    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig",  # default 5:1 pattern: layer 5 is the global one
+               dict(GEMMA, num_hidden_layers=3, attn_logit_softcapping=5.0,
+                    final_logit_softcapping=3.0)),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig",  # default 5:1 pattern: layer 5 is global
                dict(GEMMA, num_hidden_layers=6)),
     "gemma3_linear": ("Gemma3ForCausalLM", "Gemma3TextConfig",
                       dict(GEMMA, num_hidden_layers=3, final_logit_softcapping=3.0,
                            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                           rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                                            "full_attention": {"rope_type": "linear", "factor": 4.0,
-                                                               "rope_theta": 1000000.0}})),
+                           rope_parameters=GEMMA3_ROPE)),
 }
 TIED = {"gpt2", "llama_llama3_tied", "qwen3", "gemma2", "gemma3", "gemma3_linear"}
 
 
 def redraw(model, zero_centred_norms):
-    """Replace HF's init (unit norms, tiny matrices, zero biases) with weights every feature shows in.
-    The embedding / output matrix is drawn small and the final norm large (about x4): a large tied
-    embedding makes every token predict itself, and greedy decoding would just repeat the prompt's end."""
+    """Replace HF's init (unit norms, tiny matrices, zero biases) with weights every feature shows
+    in. The embedding / output matrix is drawn small and the final norm large (about x4): a large
+    tied embedding makes every token predict itself, and greedy decoding would just repeat the
+    prompt's end."""
     g = torch.Generator().manual_seed(1)
     randn = lambda p: torch.randn(p.shape, generator=g)  # noqa: E731
-    offset = 0.0 if zero_centred_norms else 1.0              # Gemma's (1 + w) norms are centred on 0
+    offset = 0.0 if zero_centred_norms else 1.0  # Gemma's (1 + w) norms are centred on 0
     vocab = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -75,7 +80,7 @@ def redraw(model, zero_centred_norms):
                 p.copy_(offset + 0.1 * randn(p))
             elif p.dim() == 1:                                      # biases
                 p.copy_(0.1 * randn(p))
-            else:                                                   # matrices: attention far from uniform
+            else:  # matrices: attention far from uniform
                 p.copy_(0.15 * randn(p))
 
 
@@ -139,13 +144,14 @@ def test_greedy_generation_matches_hf(models, name):
                           eos_token_id=None, pad_token_id=0)
     got = ours.generate(x, max_new_tokens=NEW, temperature=0)
     assert ref.shape == (2, PROMPT + NEW)
-    assert all(len(set(row[PROMPT:].tolist())) >= 4 for row in ref), "HF repeats itself: a weak check"
+    assert all(len(set(row[PROMPT:].tolist())) >= 4 for row in ref), "HF repeats: a weak check"
     assert torch.equal(got, ref), f"ours {got.tolist()}\nHF   {ref.tolist()}"
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_cached_decoding_logits_match_hf(models, name):
-    """Prefill, then one token at a time through the cache: every step's logits equal HF's full forward."""
+    """Prefill, then one token at a time through the cache: every step's logits equal HF's full
+    forward."""
     hf, ours, _ = models(name)
     x = ids(2, PROMPT + NEW, seed=4)
     with torch.no_grad():
@@ -159,7 +165,8 @@ def test_cached_decoding_logits_match_hf(models, name):
 
 @pytest.mark.parametrize("name", CASES)
 def test_head_tying_follows_the_file(models, name):
-    """Tied families leave lm_head.weight out of the file and we tie it; an untied head is loaded as is."""
+    """Tied families leave lm_head.weight out of the file and we tie it; an untied head is loaded
+    as is."""
     hf, ours, path = models(name)
     keys = load_file(str(path / "model.safetensors")).keys()
     head = ours.lm_head.weight
@@ -169,7 +176,8 @@ def test_head_tying_follows_the_file(models, name):
     else:
         assert "lm_head.weight" in keys
         assert head is not ours.wte.weight
-        assert torch.equal(head, hf.lm_head.weight) and not torch.equal(head, hf.get_input_embeddings().weight)
+        assert torch.equal(head, hf.lm_head.weight)
+        assert not torch.equal(head, hf.get_input_embeddings().weight)
 
 
 def test_head_stored_equal_to_embedding_is_tied(models, tmp_path):
@@ -185,7 +193,7 @@ def test_head_stored_equal_to_embedding_is_tied(models, tmp_path):
 
 
 def test_different_head_wins_over_tie_flag(models, tmp_path):
-    """config says tie_word_embeddings but the file holds a different lm_head.weight: HF keeps both."""
+    """config says tie_word_embeddings, but the file holds another lm_head.weight: HF keeps both."""
     _, _, path = models("llama")
     cfg = json.loads((path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
@@ -197,7 +205,7 @@ def test_different_head_wins_over_tie_flag(models, tmp_path):
 
 
 def test_legacy_rope_config_keys(models, tmp_path):
-    """Pre-v5 config.json: rope_theta and rope_scaling at the top level instead of rope_parameters."""
+    """Pre-v5 config.json: rope_theta and rope_scaling at the top level, no rope_parameters."""
     _, _, path = models("llama_llama3_tied")
     cfg = json.loads((path / "config.json").read_text())
     rope = cfg.pop("rope_parameters")
@@ -233,7 +241,7 @@ def test_option_is_honoured_or_refused(option, tmp_path):
         assert option in str(e), f"refused without naming {option}: {e}"
         return
     diff = max_logit_diff(ours, hf)
-    assert diff <= TOL, f"{option}={kw[option]} neither refused nor honoured: logits differ by {diff:.3g}"
+    assert diff <= TOL, f"{option}={kw[option]} neither refused nor honoured: diff {diff:.3g}"
 
 
 def test_dynamic_ntk_rope_full_forward(tmp_path):
@@ -243,7 +251,8 @@ def test_dynamic_ntk_rope_full_forward(tmp_path):
     make_hf("LlamaForCausalLM", "LlamaConfig", kw).save_pretrained(tmp_path)
     ours = Transformer.from_pretrained(tmp_path)
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
-    for T in (24, 12):   # HF's rotary is stateful: loaded fresh, it grows, then resets under the limit
+    # HF's rotary is stateful: loaded fresh, it grows, then resets under the limit
+    for T in (24, 12):
         assert max_logit_diff(ours, hf, T) <= TOL
 
 

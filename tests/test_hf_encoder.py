@@ -2,9 +2,9 @@
 
 As tests/test_hf_decoder.py does for decoders: each family is built small and random with HF, its
 weights re-drawn so that every feature moves the logits (norm weights away from 1, non-zero biases,
-attention far from uniform, a non-zero final_logits_bias), saved with save_pretrained and loaded with
-Transformer.from_pretrained. fp32 logits must agree to 1e-4 on every unpadded position, and for the
-encoder-decoders greedy generation through our cache must give HF's tokens for a padded batch.
+attention far from uniform, a non-zero final_logits_bias), saved with save_pretrained and loaded
+with Transformer.from_pretrained. fp32 logits must agree to 1e-4 on every unpadded position, and for
+the encoder-decoders greedy generation through our cache must give HF's tokens for a padded batch.
 """
 import json
 
@@ -16,58 +16,64 @@ transformers = pytest.importorskip("transformers")
 from model import Transformer  # noqa: E402
 
 V = 120                      # vocab
-SRC, TGT, NEW = 24, 20, 15   # source and target lengths (past every exact relative bucket), new tokens
+# source and target lengths (past every exact relative bucket), new tokens
+SRC, TGT, NEW = 24, 20, 15
 PAD = 5                      # row 1 of every batch is padded on the right by this many tokens
 TOL = 1e-4
-ENC = dict(vocab_size=V, hidden_size=64, num_attention_heads=4, intermediate_size=96, max_position_embeddings=64,
-           attn_implementation="eager")
-SEQ2SEQ = dict(vocab_size=V, d_model=64, encoder_layers=2, decoder_layers=3, encoder_attention_heads=8,
-               decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=80, max_position_embeddings=64,
-               attn_implementation="eager")
-DEBERTA = dict(ENC, num_hidden_layers=2, relative_attention=True, position_buckets=8, pos_att_type=["p2c", "c2p"],
-               share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False, type_vocab_size=0)
-T5 = dict(vocab_size=V, d_model=64, d_kv=16, num_heads=4, d_ff=96, num_layers=2, relative_attention_num_buckets=8,
-          relative_attention_max_distance=16, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-          attn_implementation="eager")
+ENC = dict(vocab_size=V, hidden_size=64, num_attention_heads=4, intermediate_size=96,
+           max_position_embeddings=64, attn_implementation="eager")
+SEQ2SEQ = dict(vocab_size=V, d_model=64, encoder_layers=2, decoder_layers=3,
+               encoder_attention_heads=8, decoder_attention_heads=4, encoder_ffn_dim=96,
+               decoder_ffn_dim=80, max_position_embeddings=64, attn_implementation="eager")
+DEBERTA = dict(ENC, num_hidden_layers=2, relative_attention=True, position_buckets=8,
+               pos_att_type=["p2c", "c2p"], share_att_key=True, norm_rel_ebd="layer_norm",
+               position_biased_input=False, type_vocab_size=0)
+T5 = dict(vocab_size=V, d_model=64, d_kv=16, num_heads=4, d_ff=96, num_layers=2,
+          relative_attention_num_buckets=8, relative_attention_max_distance=16,
+          decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, attn_implementation="eager")
+ALBERT = dict(ENC, embedding_size=32, hidden_act="gelu_new")
+BART_IDS = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
 
 # name -> (HF model class, HF config class, config kwargs)
 CASES = {
     "bert": ("BertForPreTraining", "BertConfig", dict(ENC, num_hidden_layers=2, type_vocab_size=2)),
     "albert": ("AlbertForPreTraining", "AlbertConfig",  # E < H, one block shared by all 4 layers
-               dict(ENC, embedding_size=32, num_hidden_layers=4, num_hidden_groups=1, hidden_act="gelu_new")),
-    "albert_2_groups": ("AlbertForPreTraining", "AlbertConfig",  # layers 0-1 run group 0, 2-3 group 1
-                        dict(ENC, embedding_size=32, num_hidden_layers=4, num_hidden_groups=2, hidden_act="gelu_new")),
-    "bert_mlm_only": ("BertForMaskedLM", "BertConfig", dict(ENC, num_hidden_layers=2, type_vocab_size=2)),
-    "albert_mlm_only": ("AlbertForMaskedLM", "AlbertConfig",  # *ForMaskedLM files: no pooler, no classifier
-                        dict(ENC, embedding_size=32, num_hidden_layers=2, hidden_act="gelu_new")),
+               dict(ALBERT, num_hidden_layers=4, num_hidden_groups=1)),
+    "albert_2_groups": ("AlbertForPreTraining", "AlbertConfig",  # layers 0-1: group 0, 2-3: 1
+                        dict(ALBERT, num_hidden_layers=4, num_hidden_groups=2)),
+    "bert_mlm_only": ("BertForMaskedLM", "BertConfig",
+                      dict(ENC, num_hidden_layers=2, type_vocab_size=2)),
+    "albert_mlm_only": ("AlbertForMaskedLM", "AlbertConfig",  # no pooler, no classifier
+                        dict(ALBERT, num_hidden_layers=2)),
     "deberta": ("DebertaV2ForMaskedLM", "DebertaV2Config", DEBERTA),
     "deberta_new_head": ("DebertaV2ForMaskedLM", "DebertaV2Config", dict(DEBERTA, legacy=False)),
-    "t5": ("T5ForConditionalGeneration", "T5Config",  # original T5: relu FF, tied head, scaled decoder output
+    "t5": ("T5ForConditionalGeneration", "T5Config",  # relu FF, tied head, scaled output
            dict(T5, feed_forward_proj="relu", num_decoder_layers=3)),
-    "t5_v1_1": ("T5ForConditionalGeneration", "T5Config",  # gated-gelu (tanh), untied head, no output scaling
+    "t5_v1_1": ("T5ForConditionalGeneration", "T5Config",  # gated-gelu (tanh), untied, unscaled
                 dict(T5, feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
     "bart": ("BartForConditionalGeneration", "BartConfig",
-             dict(SEQ2SEQ, scale_embedding=False, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-                  decoder_start_token_id=2)),
+             dict(SEQ2SEQ, scale_embedding=False, **BART_IDS)),
     "bart_scaled": ("BartForConditionalGeneration", "BartConfig",
-                    dict(SEQ2SEQ, scale_embedding=True, activation_function="gelu_new", pad_token_id=1,
-                         bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)),
+                    dict(SEQ2SEQ, scale_embedding=True, activation_function="gelu_new",
+                         **BART_IDS)),
     "marian": ("MarianMTModel", "MarianConfig",
-               dict(SEQ2SEQ, scale_embedding=True, activation_function="swish", pad_token_id=V - 1, eos_token_id=0,
-                    decoder_start_token_id=V - 1)),
+               dict(SEQ2SEQ, scale_embedding=True, activation_function="swish", pad_token_id=V - 1,
+                    eos_token_id=0, decoder_start_token_id=V - 1)),
 }
-ENCODERS = ["bert", "bert_mlm_only", "albert", "albert_2_groups", "albert_mlm_only", "deberta", "deberta_new_head"]
+ENCODERS = ["bert", "bert_mlm_only", "albert", "albert_2_groups", "albert_mlm_only", "deberta",
+            "deberta_new_head"]
 SEQ2SEQS = ["t5", "t5_v1_1", "bart", "bart_scaled", "marian"]
 
 
 def redraw(model):
-    """Replace HF's init (unit norms, tiny matrices, zero biases) with weights every feature shows in:
-    norm weights away from 1, biases and final_logits_bias non-zero, matrices large enough for peaked
-    attention (larger ones make these nets chaotic: fp32 rounding then grows past the tolerance; T5,
-    which does not scale q.k, gets half-size q and k). The FFN output matrices get zero-mean rows: a
-    relu/gelu activation's positive mean would otherwise add one shared direction to every token, and
-    a tied head would pick the same token everywhere. T5's decoder output norm is drawn large where
-    the head scales the logits by d_model**-0.5. Frozen tables (Marian's sinusoids) stay as they are."""
+    """Replace HF's init (unit norms, tiny matrices, zero biases) with weights every feature shows
+    in: norm weights away from 1, biases and final_logits_bias non-zero, matrices large enough for
+    peaked attention (larger ones make these nets chaotic: fp32 rounding then grows past the
+    tolerance; T5, which does not scale q.k, gets half-size q and k). The FFN output matrices get
+    zero-mean rows: a relu/gelu activation's positive mean would otherwise add one shared direction
+    to every token, and a tied head would pick the same token everywhere. T5's decoder output norm
+    is drawn large where the head scales the logits by d_model**-0.5. Frozen tables (Marian's
+    sinusoids) stay as they are."""
     g = torch.Generator().manual_seed(1)
     randn = lambda p: torch.randn(p.shape, generator=g)  # noqa: E731
     with torch.no_grad():
@@ -80,7 +86,7 @@ def redraw(model):
                 p.copy_(1.0 + 0.2 * randn(p))
             elif p.dim() == 1:                                    # biases
                 p.copy_(0.1 * randn(p))
-            elif "relative_attention_bias" in name:               # T5: (buckets, heads), added to the scores
+            elif "relative_attention_bias" in name:  # T5: (buckets, heads), added to the scores
                 p.copy_(randn(p))
             elif name.endswith((".q.weight", ".k.weight")):        # T5
                 p.copy_(0.1 * randn(p))
@@ -96,7 +102,8 @@ def redraw(model):
 def make_hf(model_cls, config_cls, kw):
     torch.manual_seed(0)
     hf = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kw))
-    if not kw.get("tie_word_embeddings", True):  # T5 v5 ties anyway; a separate lm_head in the file unties it
+    # T5 v5 ties anyway; a separate lm_head in the file unties it
+    if not kw.get("tie_word_embeddings", True):
         hf.lm_head.weight = torch.nn.Parameter(hf.lm_head.weight.clone())
     redraw(hf)
     return hf.eval()
@@ -117,7 +124,7 @@ def models(tmp_path_factory):
 
 
 def ids(B, T, seed, low=3):
-    """Random tokens above the special ids (pad, bos, eos), so padding is only where the mask says."""
+    """Random tokens above the special ids (pad, bos, eos): padding only where the mask says."""
     return torch.randint(low, V - 1, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
@@ -128,7 +135,8 @@ def padding_mask(B, T):
 
 
 def max_diff(got, ref, mask):
-    """Largest |got - ref| over the unpadded positions (mask (B, T), 1 = real token) of (B, T, V) logits."""
+    """Largest |got - ref| over the unpadded positions (mask (B, T), 1 = real token) of (B, T, V)
+    logits."""
     return (got - ref).abs()[mask.bool()].max().item()
 
 
@@ -156,7 +164,7 @@ def test_encoder_logits_match_hf(models, name):
 
 
 def test_token_types_and_padding_matter(models):
-    """The match above means something only if HF's output moves with token types and with the padding."""
+    """The match above means something only if HF's output moves with token types and padding."""
     hf, _, _ = models("bert")
     x, mask = ids(2, SRC, seed=1), padding_mask(2, SRC)
     with torch.no_grad():
@@ -165,16 +173,20 @@ def test_token_types_and_padding_matter(models):
         unmasked = hf(x).prediction_logits
     assert (typed - base).abs().max() > 0.1
     real = slice(0, SRC - PAD)
-    assert (unmasked[0] - base[0]).abs().max() < 1e-5 and (unmasked[1, real] - base[1, real]).abs().max() > 0.1
+    assert (unmasked[0] - base[0]).abs().max() < 1e-5
+    assert (unmasked[1, real] - base[1, real]).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_parameter_count_matches_hf(models, name):
     """Same trainable parameters as HF, tied ones counted once: nothing missing, nothing unused
-    (ALBERT: one block per group; T5: one relative bias per stack; Marian's sinusoids are not weights)."""
+    (ALBERT: one block per group; T5: one relative bias per stack; Marian's sinusoids are not
+    weights)."""
     hf, ours, _ = models(name)
-    extra = hf.final_logits_bias.numel() if hasattr(hf, "final_logits_bias") else 0   # HF: a buffer; ours: lm_head.bias
-    assert ours.get_num_params() == sum(p.numel() for p in hf.parameters() if p.requires_grad) + extra
+    # final_logits_bias: HF's is a buffer, ours lm_head.bias
+    extra = hf.final_logits_bias.numel() if hasattr(hf, "final_logits_bias") else 0
+    trainable = sum(p.numel() for p in hf.parameters() if p.requires_grad)
+    assert ours.get_num_params() == trainable + extra
 
 
 def test_deberta_legacy_pos_att_type(models, tmp_path):
@@ -190,7 +202,7 @@ def test_deberta_legacy_pos_att_type(models, tmp_path):
 
 
 def test_deberta_uses_log_buckets():
-    """SRC exceeds position_buckets / 2, so the log-compressed buckets take part in the check above."""
+    """SRC exceeds position_buckets / 2: the log-compressed buckets take part in the check above."""
     from model import deberta_buckets
     rel = torch.arange(-SRC + 1, SRC)
     idx = deberta_buckets(rel, DEBERTA["position_buckets"], DEBERTA["max_position_embeddings"])
@@ -210,9 +222,10 @@ def seq2seq_batch(seed=2):
 
 
 def hf_decoder_cache():
-    """HF 5.23 sizes its default cache by num_layers, which breaks T5 with num_decoder_layers != num_layers;
-    a DynamicCache built without the config grows to whatever the decoder has."""
-    return transformers.EncoderDecoderCache(transformers.DynamicCache(), transformers.DynamicCache())
+    """HF 5.23 sizes its default cache by num_layers, which breaks T5 with num_decoder_layers !=
+    num_layers; a DynamicCache built without the config grows to whatever the decoder has."""
+    return transformers.EncoderDecoderCache(transformers.DynamicCache(),
+                                            transformers.DynamicCache())
 
 
 @pytest.mark.parametrize("name", SEQ2SEQS)
@@ -237,20 +250,23 @@ def test_seq2seq_greedy_generation_matches_hf(models, name, penalty):
     src, mask, _ = seq2seq_batch(seed=3)
     start = hf.config.decoder_start_token_id
     with torch.no_grad():
-        ref = hf.generate(src, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                          num_beams=1, eos_token_id=None, forced_bos_token_id=None, forced_eos_token_id=None,
-                          repetition_penalty=penalty, decoder_start_token_id=start,
-                          pad_token_id=hf.config.pad_token_id, past_key_values=hf_decoder_cache())
-    got = ours.generate(src, max_new_tokens=NEW, temperature=0, repetition_penalty=penalty, attention_mask=mask)
+        ref = hf.generate(src, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
+                          do_sample=False, num_beams=1, eos_token_id=None, forced_bos_token_id=None,
+                          forced_eos_token_id=None, repetition_penalty=penalty,
+                          decoder_start_token_id=start, pad_token_id=hf.config.pad_token_id,
+                          past_key_values=hf_decoder_cache())
+    got = ours.generate(src, max_new_tokens=NEW, temperature=0, repetition_penalty=penalty,
+                        attention_mask=mask)
     assert ref.shape == (2, 1 + NEW) and bool((ref[:, 0] == start).all())
     if penalty > 1:
-        assert all(len(set(row[1:].tolist())) >= 8 for row in ref), "HF repeats itself: a weak check"
+        assert all(len(set(row[1:].tolist())) >= 8 for row in ref), "HF repeats: a weak check"
     assert torch.equal(got, ref), f"ours {got.tolist()}\nHF   {ref.tolist()}"
 
 
 @pytest.mark.parametrize("name", SEQ2SEQS)
 def test_seq2seq_cached_decoding_matches_full_forward(models, name):
-    """Prefill a few target tokens, then one at a time through the cache: every step equals HF's logits."""
+    """Prefill a few target tokens, then one at a time through the cache: every step equals HF's
+    logits."""
     hf, ours, _ = models(name)
     src, mask, tgt = seq2seq_batch()
     with torch.no_grad():
@@ -265,8 +281,8 @@ def test_seq2seq_cached_decoding_matches_full_forward(models, name):
 
 
 def test_t5_legacy_config_keys(models, tmp_path):
-    """Pre-v5 T5 v1.1 config.json: tie_word_embeddings false and no scale_decoder_outputs, which v5 derives
-    from it (no output scaling); the file's own lm_head unties the head."""
+    """Pre-v5 T5 v1.1 config.json: tie_word_embeddings false and no scale_decoder_outputs, which v5
+    derives from it (no output scaling); the file's own lm_head unties the head."""
     hf, _, path = models("t5_v1_1")
     cfg = json.loads((path / "config.json").read_text())
     del cfg["scale_decoder_outputs"]
@@ -276,14 +292,15 @@ def test_t5_legacy_config_keys(models, tmp_path):
     src, mask, tgt = seq2seq_batch()
     with torch.no_grad():
         ref = hf(input_ids=src, attention_mask=mask, decoder_input_ids=tgt).logits
-        assert (ours(src, decoder_input_ids=tgt, attention_mask=mask).logits - ref).abs().max().item() <= TOL
+        got = ours(src, decoder_input_ids=tgt, attention_mask=mask).logits
+        assert (got - ref).abs().max().item() <= TOL
 
 
 def test_marian_sinusoids_are_hfs(models):
-    """Marian's table: sines in the first half of the channels, cosines in the second, bit for bit."""
+    """Marian's table: sines in the first half of the channels, cosines in the second, bitwise."""
     hf, ours, _ = models("marian")
-    assert torch.equal(ours.encoder.wpe_table, hf.model.encoder.embed_positions.weight)
-    assert torch.equal(ours.decoder.wpe_table, hf.model.decoder.embed_positions.weight)
+    assert torch.equal(ours.encoder.wpe.sinusoids, hf.model.encoder.embed_positions.weight)
+    assert torch.equal(ours.decoder.wpe.sinusoids, hf.model.decoder.embed_positions.weight)
 
 
 def test_seq2seq_head_tying_follows_the_file(models):
@@ -308,7 +325,8 @@ REFUSED = {  # option -> (base case, HF config change)
     "conv_kernel_size": ("deberta", dict(conv_kernel_size=3)),
     "embedding_size": ("deberta", dict(embedding_size=32)),
     "type_vocab_size": ("deberta", dict(type_vocab_size=2)),
-    "share_encoder_decoder_embeddings": ("marian", dict(share_encoder_decoder_embeddings=False, decoder_vocab_size=V)),
+    "share_encoder_decoder_embeddings": ("marian", dict(share_encoder_decoder_embeddings=False,
+                                                        decoder_vocab_size=V)),
 }
 
 

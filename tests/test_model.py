@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import Config, Transformer, from_checkpoint, load_checkpoint, save_checkpoint
+from model import Config, DropPath, Transformer, from_checkpoint, load_checkpoint, save_checkpoint
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -53,7 +53,8 @@ def test_gemma3_layout():
     cfg = Config.from_yaml(CONFIGS / "gemma3_1b.yaml")
     with torch.device("meta"):
         m = Transformer(cfg)
-    assert m.mixer_types.count("attn") == 4 and m.mixer_types[5] == "attn" and m.mixer_types[0] == "local_attn"
+    assert m.mixer_types.count("attn") == 4
+    assert m.mixer_types[5] == "attn" and m.mixer_types[0] == "local_attn"
 
 
 def test_checkpoint_roundtrip_and_atomic(tmp_path):
@@ -113,7 +114,8 @@ def test_initial_loss_is_log_vocab_and_targets_ignore():
     assert abs(out.loss.item() - math.log(256)) < 0.1 and out.aux_loss.item() == 0
     t = targets.clone()
     t[:, :16] = -1  # ignored positions
-    full = torch.nn.functional.cross_entropy(out.logits[:, 16:].reshape(-1, 256), targets[:, 16:].reshape(-1))
+    full = torch.nn.functional.cross_entropy(out.logits[:, 16:].reshape(-1, 256),
+                                             targets[:, 16:].reshape(-1))
     torch.testing.assert_close(m(ids, targets=t).loss, full)
 
 
@@ -134,6 +136,21 @@ def test_drop_path_and_dropout_only_in_training():
     torch.testing.assert_close(m(ids).logits, m(ids).logits)
     m.train()
     assert not torch.allclose(m(ids).logits, m(ids).logits)
+
+
+def test_drop_path_drops_whole_samples_and_rescales():
+    """Training: each sample's branch is kept whole, scaled by 1/(1-p), or dropped; mean kept."""
+    p = 0.3
+    torch.manual_seed(0)
+    x = torch.rand(20000, 3, 4) + 0.5
+    y = DropPath(p).train()(x)
+    ratio = y / x                                                   # (N, T, C)
+    dropped, kept = ratio.abs() < 1e-7, (ratio - 1 / (1 - p)).abs() < 1e-6
+    assert (dropped | kept).all()
+    assert (dropped.all((1, 2)) | kept.all((1, 2))).all()          # a whole sample at a time
+    assert abs(kept.all((1, 2)).float().mean().item() - (1 - p)) < 0.015   # 4.6 sigma
+    assert abs(y.mean().item() / x.mean().item() - 1) < 0.02
+    assert torch.equal(DropPath(p).eval()(x), x)
 
 
 @pytest.mark.parametrize("position", ["learned", "sinusoidal", "rope", "none"])

@@ -1,9 +1,10 @@
 """Mixture of experts, each part checked against something written independently of model.py:
 
-- HF MixtralForCausalLM and Qwen3MoeForCausalLM (sparse step, mlp_only_layers, norm_topk_prob off and on)
-  through from_pretrained: fp32 logits, greedy decoding through our cache, and the aux balance loss;
-- token choice against a naive per-token loop, expert choice against a naive per-expert loop, on both
-  dispatch paths (grouped matmul and the loop over experts);
+- HF MixtralForCausalLM and Qwen3MoeForCausalLM (sparse step, mlp_only_layers, norm_topk_prob off
+  and on) through from_pretrained: fp32 logits, greedy decoding through our cache, and the aux
+  balance loss;
+- token choice against a naive per-token loop, expert choice against a naive per-expert loop, on
+  both dispatch paths (grouped matmul and the loop over experts);
 - the balance and router z-losses against hand computations; expert choice's non-causality and the
   refusal to decode it from a cache;
 - MoE every k layers, gradients under checkpointing and into the router, bf16 autocast on CPU.
@@ -21,15 +22,18 @@ transformers = pytest.importorskip("transformers")
 load_balancing_loss_func = transformers.models.mixtral.modeling_mixtral.load_balancing_loss_func
 
 V, PROMPT, NEW, TOL = 97, 8, 20, 1e-4
-SMALL = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-             rms_norm_eps=1e-6, max_position_embeddings=128, tie_word_embeddings=False, attn_implementation="eager")
+SMALL = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+             num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=128,
+             tie_word_embeddings=False, attn_implementation="eager")
 QWEN3_MOE = dict(SMALL, num_hidden_layers=6, head_dim=24, num_experts=6, num_experts_per_tok=2,
-                 moe_intermediate_size=48, decoder_sparse_step=2, mlp_only_layers=[3])   # MoE at layers 1 and 5
+                 moe_intermediate_size=48, decoder_sparse_step=2,
+                 mlp_only_layers=[3])  # MoE at layers 1 and 5
 CASES = {  # name -> (HF model class, HF config class, config kwargs)
     "mixtral": ("MixtralForCausalLM", "MixtralConfig",
                 dict(SMALL, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2)),
     "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(QWEN3_MOE, norm_topk_prob=False)),
-    "qwen3_moe_norm_topk": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(QWEN3_MOE, norm_topk_prob=True)),
+    "qwen3_moe_norm_topk": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig",
+                            dict(QWEN3_MOE, norm_topk_prob=True)),
 }
 
 
@@ -38,9 +42,9 @@ CASES = {  # name -> (HF model class, HF config class, config kwargs)
 
 
 def redraw(model):
-    """Weights every feature shows in: norms away from 1, matrices large enough for non-uniform attention,
-    a router large enough that its top-k is far from a coin toss, a small vocabulary matrix and a large
-    final norm (so that greedy decoding does not just repeat the prompt)."""
+    """Weights every feature shows in: norms away from 1, matrices large enough for non-uniform
+    attention, a router large enough that its top-k is far from a coin toss, a small vocabulary
+    matrix and a large final norm (so that greedy decoding does not just repeat the prompt)."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -85,7 +89,8 @@ def test_layouts_follow_the_hf_configs(models):
     assert [f for _, f in mixtral.layer_types] == ["moe", "moe"]
     assert [f for _, f in qwen.layer_types] == ["dense", "moe", "dense", "dense", "dense", "moe"]
     assert not qwen.config.moe_renorm and models("qwen3_moe_norm_topk")[1].config.moe_renorm
-    assert qwen.blocks[1].ffn.up.shape == (6, 48, 64) and qwen.blocks[1].ffn.down.shape == (6, 64, 48)
+    assert qwen.blocks[1].ffn.up.shape == (6, 48, 64)
+    assert qwen.blocks[1].ffn.down.shape == (6, 64, 48)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -99,8 +104,8 @@ def test_logits_match_hf(models, name):
 
 
 def test_routing_is_far_from_uniform(models):
-    """A weak router would let a wrong top-k or weighting pass unnoticed: the chosen experts must carry
-    clearly more weight than the rest."""
+    """A weak router would let a wrong top-k or weighting pass unnoticed: the chosen experts must
+    carry clearly more weight than the rest."""
     hf, _ = models("mixtral")
     with torch.no_grad():
         logits = hf(ids(2, 20, seed=2), output_router_logits=True).router_logits
@@ -117,15 +122,15 @@ def test_greedy_generation_matches_hf(models, name):
         ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW, do_sample=False,
                           eos_token_id=None, pad_token_id=0)
     got = ours.generate(x, max_new_tokens=NEW, temperature=0)
-    assert all(len(set(row[PROMPT:].tolist())) >= 4 for row in ref), "HF repeats itself: a weak check"
+    assert all(len(set(row[PROMPT:].tolist())) >= 4 for row in ref), "HF repeats: a weak check"
     assert torch.equal(got, ref), f"ours {got.tolist()}\nHF   {ref.tolist()}"
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
 def test_aux_loss_matches_hf(models, name):
-    """HF's aux_loss pools every MoE layer's router logits into one E * sum_e f_e * P_e; imported models use
-    that definition (moe_pool_balance). Our default (Switch's) is one such term per layer, summed: checked
-    here against HF's own function applied to each layer alone."""
+    """HF's aux_loss pools every MoE layer's router logits into one E * sum_e f_e * P_e; imported
+    models use that definition (moe_pool_balance). Our default (Switch's) is one such term per
+    layer, summed: checked here against HF's own function applied to each layer alone."""
     hf, ours = models(name)
     x = ids(2, 20, seed=5)
     with torch.no_grad():
@@ -140,7 +145,7 @@ def test_aux_loss_matches_hf(models, name):
     torch.testing.assert_close(got, coef * out.aux_loss, rtol=1e-5, atol=0)
     want_per_layer = sum(load_balancing_loss_func((layer,), E, k) for layer in out.router_logits)
     torch.testing.assert_close(got_per_layer, coef * want_per_layer, rtol=1e-5, atol=0)
-    assert abs(got_per_layer - 2 * got) > 0.02 * got                   # the two definitions do differ here
+    assert abs(got_per_layer - 2 * got) > 0.02 * got  # the two definitions do differ here
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,9 +153,9 @@ def test_aux_loss_matches_hf(models, name):
 
 
 def moe_config(**kw):
-    base = dict(vocab_size=V, block_size=64, n_layer=2, n_head=4, d_model=32, ffn="glu", activation="silu",
-                bias=False, ffn_pattern=["moe"], n_expert=6, moe_top_k=2, moe_d_ff=24, init_std=0.3,
-                norm="rmsnorm", position="rope")
+    base = dict(vocab_size=V, block_size=64, n_layer=2, n_head=4, d_model=32, ffn="glu",
+                activation="silu", bias=False, ffn_pattern=["moe"], n_expert=6, moe_top_k=2,
+                moe_d_ff=24, init_std=0.3, norm="rmsnorm", position="rope")
     return Config(**{**base, **kw})
 
 
@@ -178,8 +183,8 @@ def naive_shared(moe, x):
 
 
 def naive_token_choice(moe, x):
-    """For each token: softmax over experts, top-k, optional renormalisation, weighted sum of the chosen
-    experts' outputs, plus the sigmoid-gated shared expert."""
+    """For each token: softmax over experts, top-k, optional renormalisation, weighted sum of the
+    chosen experts' outputs, plus the sigmoid-gated shared expert."""
     cfg, out = moe.cfg, torch.zeros_like(x)
     for t in range(len(x)):
         p = torch.softmax(moe.router.weight @ x[t], -1)
@@ -194,8 +199,8 @@ def naive_token_choice(moe, x):
 
 
 def naive_expert_choice(moe, x):
-    """Each expert takes the capacity tokens it gives the highest probability; a token's output is the sum of
-    probability * expert output over the experts that took it."""
+    """Each expert takes the capacity tokens it gives the highest probability; a token's output is
+    the sum of probability * expert output over the experts that took it."""
     cfg, N = moe.cfg, len(x)
     p = torch.softmax(x @ moe.router.weight.T, -1)                       # (N, E)
     cap = min(N, max(1, int(cfg.moe_capacity * N * cfg.moe_top_k / cfg.n_expert)))
@@ -237,7 +242,7 @@ def test_expert_choice_equals_naive_loop(capacity, path):
         got = moe(x)
         want = naive_expert_choice(moe, x.view(-1, 32)).view(2, 11, 32)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-    if capacity == 0.5:                                                   # low capacity leaves tokens unrouted
+    if capacity == 0.5:  # low capacity leaves tokens unrouted
         assert (want == 0).all(-1).any()
 
 
@@ -245,20 +250,21 @@ def test_grouped_matmul_equals_loop_over_experts():
     """expert_linear's two paths (F.grouped_mm; a loop) on the same rows, empty experts included."""
     g = torch.Generator().manual_seed(0)
     counts = torch.tensor([3, 0, 5, 1, 0, 4])
-    x, w, b = torch.randn(13, 16, generator=g), torch.randn(6, 24, 16, generator=g), torch.randn(6, 24, generator=g)
-    want = torch.cat([x[s:s + n] @ w[e].T + b[e] for e, (s, n) in
-                      enumerate(zip([0, 3, 3, 8, 9, 9], counts.tolist()))])
-    for dtype in (torch.float32, torch.float64):                          # fp32: grouped; fp64: the loop
+    x, w = torch.randn(13, 16, generator=g), torch.randn(6, 24, 16, generator=g)
+    b = torch.randn(6, 24, generator=g)
+    rows = list(enumerate(zip([0, 3, 3, 8, 9, 9], counts.tolist())))   # (expert, (start, n))
+    want = torch.cat([x[s:s + n] @ w[e].T + b[e] for e, (s, n) in rows])
+    for dtype in (torch.float32, torch.float64):  # fp32: grouped; fp64: the loop
         got = expert_linear(x.to(dtype), w.to(dtype), b.to(dtype), counts)
         torch.testing.assert_close(got.float(), want, rtol=0, atol=1e-5)
     got = expert_linear(x[:, :10], w[..., :10], None, counts)            # 40-byte rows: the loop
-    torch.testing.assert_close(got, torch.cat([x[s:s + n, :10] @ w[e, :, :10].T for e, (s, n) in
-                                               enumerate(zip([0, 3, 3, 8, 9, 9], counts.tolist()))]))
+    torch.testing.assert_close(got, torch.cat([x[s:s + n, :10] @ w[e, :, :10].T
+                                               for e, (s, n) in rows]))
 
 
 def test_expert_choice_is_not_causal():
-    """Changing the last token changes earlier tokens' outputs under expert choice (it competes with them
-    for capacity), never under token choice."""
+    """Changing the last token changes earlier tokens' outputs under expert choice (it competes with
+    them for capacity), never under token choice."""
     x = torch.randn(1, 16, 32)
     later = x.clone()
     later[0, -1] = 10 * torch.randn(32)
@@ -274,8 +280,10 @@ def test_expert_choice_refuses_cached_decoding():
     for call in (lambda: m.generate(ids(1, 4, 0), 3), lambda: m.setup_cache(1, 8)):
         with pytest.raises(ValueError) as e:
             call()
-        assert "expert_choice" in str(e.value) and "token_choice" in str(e.value) and "\n" not in str(e.value)
-    full = Transformer(moe_config(moe_router="expert_choice")).eval()(ids(2, 10, 0)).logits   # training path runs
+        msg = str(e.value)
+        assert "expert_choice" in msg and "token_choice" in msg and "\n" not in msg
+    # training path runs
+    full = Transformer(moe_config(moe_router="expert_choice")).eval()(ids(2, 10, 0)).logits
     assert torch.isfinite(full).all()
 
 
@@ -284,7 +292,8 @@ def test_expert_choice_refuses_cached_decoding():
 
 
 def test_balance_and_z_loss_equal_hand_computation():
-    """balance = E * sum_e (slots of e / N) * mean_t p_te; z = mean_t (log sum_e exp l_te)^2 (ST-MoE), in fp64."""
+    """balance = E * sum_e (slots of e / N) * mean_t p_te; z = mean_t (log sum_e exp l_te)^2
+    (ST-MoE), in fp64."""
     cfg = moe_config(moe_aux_weight=0.3, moe_z_weight=0.07, moe_top_k=2)
     moe = make_moe(cfg)
     x = torch.randn(3, 7, 32)
@@ -296,18 +305,18 @@ def test_balance_and_z_loss_equal_hand_computation():
     f = torch.tensor([(chosen == e).sum().item() / N for e in range(E)], dtype=torch.float64)
     balance = E * sum(f[e] * p[:, e].mean() for e in range(E))
     z = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits.tolist()) / N
-    assert f.max() > 1.5 * f.min() or f.min() == 0                       # routing not perfectly balanced
+    assert f.max() > 1.5 * f.min() or f.min() == 0  # routing not perfectly balanced
     assert abs(moe.aux_loss.item() - (0.3 * balance.item() + 0.07 * z)) < 1e-5
 
 
 def test_moe_every_k_layers_and_aux_loss_in_the_output():
-    """ffn_pattern [dense, moe] puts MoE in every second layer; the output's aux_loss is the sum of those
-    layers' losses and its gradient reaches each router."""
+    """ffn_pattern [dense, moe] puts MoE in every second layer; the output's aux_loss is the sum of
+    those layers' losses and its gradient reaches each router."""
     m = Transformer(moe_config(n_layer=4, ffn_pattern=["dense", "moe"], moe_z_weight=0.01))
     assert [type(b.ffn).__name__ for b in m.blocks] == ["GLU", "MoE", "GLU", "MoE"]
     out = m(ids(2, 12, 1))
     moes = [m.blocks[1].ffn, m.blocks[3].ffn]
-    assert out.aux_loss.item() > 0.01 * 2                                # balance is >= 1 per layer (k=2: >= 2)
+    assert out.aux_loss.item() > 0.01 * 2  # balance is >= 1 per layer (k=2: >= 2)
     torch.testing.assert_close(out.aux_loss, moes[0].aux_loss + moes[1].aux_loss)
     grads = torch.autograd.grad(out.aux_loss, [f.router.weight for f in moes])
     assert all(g.abs().max() > 0 for g in grads)
@@ -318,14 +327,16 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for ckpt in (False, True):
         torch.manual_seed(0)
-        m = Transformer(moe_config(n_layer=3, moe_shared_d_ff=16, moe_z_weight=0.01, grad_checkpoint=ckpt)).train()
+        cfg = moe_config(n_layer=3, moe_shared_d_ff=16, moe_z_weight=0.01, grad_checkpoint=ckpt)
+        m = Transformer(cfg).train()
         out = m(x[:, :-1], targets=x[:, 1:])
         (out.loss + out.aux_loss).backward()
         grads.append({n: p.grad for n, p in m.named_parameters()})
     assert grads[0].keys() == grads[1].keys()
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[1][n], g, rtol=0, atol=1e-6, msg=n)
-    assert grads[0]["blocks.0.ffn.router.weight"].abs().max() > 0 and grads[0]["blocks.0.ffn.down"].abs().max() > 0
+    assert grads[0]["blocks.0.ffn.router.weight"].abs().max() > 0
+    assert grads[0]["blocks.0.ffn.down"].abs().max() > 0
 
 
 def test_bf16_autocast_on_cpu_runs_close_to_fp32():
@@ -336,7 +347,8 @@ def test_bf16_autocast_on_cpu_runs_close_to_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(x[:, :-1], targets=x[:, 1:])
         (out.loss + out.aux_loss).backward()
-    assert torch.isfinite(out.logits).all() and all(torch.isfinite(p.grad).all() for p in m.parameters())
+    assert torch.isfinite(out.logits).all()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
     err = (out.logits.float() - ref.logits).abs()
     assert err.mean() < 0.02 * ref.logits.std() and abs(out.loss.item() - ref.loss.item()) < 0.01
     assert abs(out.aux_loss.item() - ref.aux_loss.item()) < 0.01 * ref.aux_loss.item()

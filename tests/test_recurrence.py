@@ -1,33 +1,35 @@
 """Recurrence in depth and in time (issue 6), each checked against a separately written naive form.
 
-Universal Transformer (Dehghani et al. 2018): one shared block applied n_layer times equals a stack of
-n_layer copies of it; depth embeddings equal a hand-written loop; ACT (Graves 2016) equals an
-independent per-position halting reference; cached decoding equals the full forward.
-Block-Recurrent Transformer (Hutchins et al. 2022): one call equals segment-by-segment processing
-with the carried cache; states change only at block ends; gradients reach the gates; attention is
-block-local, and only the states carry information further back; generation equals greedy full forwards.
-With compressed memories (Rae et al. 2019, mean pooling) and the dynamic position bias, a block_attn layer
-equals a per-query naive form, one call still equals segments, the compressed memory stays bounded and
-reaches exactly its slots back, memory/state dropout act only in training, and gradients reach the bias MLP.
+Universal Transformer (Dehghani et al. 2018): one shared block applied n_layer times equals a stack
+of n_layer copies of it; depth embeddings equal a hand-written loop; ACT (Graves 2016) equals an
+independent per-position halting reference; cached decoding equals the full forward. Block-Recurrent
+Transformer (Hutchins et al. 2022): one call equals segment-by-segment processing with the carried
+cache; states change only at block ends; gradients reach the gates; attention is block-local, and
+only the states carry information further back; generation equals greedy full forwards. With
+compressed memories (Rae et al. 2019, mean pooling) and the dynamic position bias, a block_attn
+layer equals a per-query naive form, one call still equals segments, the compressed memory stays
+bounded and reaches exactly its slots back, memory/state dropout act only in training, and gradients
+reach the bias MLP.
 """
 import pytest
 import torch
 
-from model import Config, Transformer, sinusoidal_table
+from model import Config, StateGate, Transformer, sinusoidal_table
 
 V = 48
 
 
 def ut_config(**kw):
     """A small UT as the seed describes it: pre-norm RMSNorm, GQA, RoPE, one shared block."""
-    base = dict(vocab_size=V, block_size=32, n_layer=4, n_head=4, n_kv_head=2, d_model=32, norm="rmsnorm",
-                position="rope", ffn="glu", activation="silu", bias=False, layer_groups=1, init_std=0.1)
+    base = dict(vocab_size=V, block_size=32, n_layer=4, n_head=4, n_kv_head=2, d_model=32,
+                norm="rmsnorm", position="rope", ffn="glu", activation="silu", bias=False,
+                layer_groups=1, init_std=0.1)
     return Config(**{**base, **kw})
 
 
 def brt_config(**kw):
-    base = dict(vocab_size=V, block_size=64, n_layer=3, n_head=4, n_kv_head=1, d_model=32, block_width=4,
-                recurrent_layers=(1,), n_states=5, position="rope", init_std=0.1)
+    base = dict(vocab_size=V, block_size=64, n_layer=3, n_head=4, n_kv_head=1, d_model=32,
+                block_width=4, recurrent_layers=(1,), n_states=5, position="rope", init_std=0.1)
     return Config(**{**base, **kw})
 
 
@@ -84,12 +86,13 @@ def depth_reference(model, ids):
     cfg, T = model.config, ids.shape[1]
     pos = torch.arange(T)
     x = model.embed(ids, pos)
-    ctx = model.contexts(pos, None)["attn"]
+    ctx = model.context("attn", pos, None, None, False)
     for i in range(cfg.n_layer):
         if cfg.depth_embedding == "learned":
             x = x + model.step_emb.weight[i]
         else:   # timing signal over the step plus one over the position, as in the UT paper
-            x = x + sinusoidal_table(cfg.n_layer, cfg.d_model)[i] + sinusoidal_table(cfg.block_size, cfg.d_model)[pos]
+            x = x + sinusoidal_table(cfg.n_layer, cfg.d_model)[i]
+            x = x + sinusoidal_table(cfg.block_size, cfg.d_model)[pos]
         x = model.blocks[0](x, ctx)
     return model.lm_head(model.norm_f(x))
 
@@ -111,14 +114,15 @@ def test_ut_depth_embedding_matches_reference_loop(depth):
 
 
 def act_reference(model, ids):
-    """Graves' ACT as the UT uses it, written per position: at step n the halting unit reads the step's
-    input, p_n = sigmoid(halt(x_n)); a position halts at the first n where sum_{m<=n} p_m > 1 - eps, or
-    at the last step; the steps before get weight p_m, the halting step the remainder R = 1 - sum_{m<n} p_m.
-    Returns logits of sum_n w_n * state_n, the weights (steps, B, T), N and R (B, T)."""
+    """Graves' ACT as the UT uses it, written per position: at step n the halting unit reads the
+    step's input, p_n = sigmoid(halt(x_n)); a position halts at the first n where sum_{m<=n} p_m > 1
+    - eps, or at the last step; the steps before get weight p_m, the halting step the remainder R =
+    1 - sum_{m<n} p_m. Returns logits of sum_n w_n * state_n, the weights (steps, B, T), N and R (B,
+    T)."""
     cfg, (B, T) = model.config, ids.shape
     pos = torch.arange(T)
     x = model.embed(ids, pos)
-    ctx = model.contexts(pos, None)["attn"]
+    ctx = model.context("attn", pos, None, None, False)
     probs, states = [], []
     for n in range(cfg.n_layer):
         if cfg.depth_embedding == "learned":
@@ -129,7 +133,7 @@ def act_reference(model, ids):
     W, N, R = torch.zeros(cfg.n_layer, B, T), torch.zeros(B, T), torch.zeros(B, T)
     for b in range(B):
         for t in range(T):
-            spent = torch.zeros(())                                      # float32, as the model sums
+            spent = torch.zeros(())  # float32, as the model sums
             for n in range(cfg.n_layer):
                 p = probs[n][b, t]
                 if n == cfg.n_layer - 1 or spent + p > cfg.act_threshold:
@@ -143,7 +147,7 @@ def act_reference(model, ids):
 
 
 def act_model(n_layer=5, seed=0, **kw):
-    """A UT with ACT whose halting unit is drawn so that positions halt at several different steps."""
+    """A UT with ACT whose halting unit is drawn so that positions halt at several steps."""
     m = build(ut_config(n_layer=n_layer, act=True, act_threshold=0.9, act_weight=0.05,
                         depth_embedding="learned", **kw), seed)
     g = torch.Generator().manual_seed(seed)
@@ -156,7 +160,8 @@ def act_model(n_layer=5, seed=0, **kw):
             m(ids_of(3, 16))
             m.act._forward_hooks.clear()
             steps = rec[-1][1][2]
-            if len(steps.unique()) >= 3 and (steps == n_layer).any() and (steps < n_layer - 1).any():
+            spread = (steps == n_layer).any() and (steps < n_layer - 1).any()
+            if len(steps.unique()) >= 3 and spread:
                 return m
     raise AssertionError("no halting unit draw spreads the halting steps")
 
@@ -182,7 +187,8 @@ def test_act_matches_independent_reference():
     assert torch.allclose(w_model.sum(0), torch.ones(3, 16), atol=1e-6)
     total, rem, steps = rec[-1][1]
     assert torch.equal(steps, N) and int(steps.max()) <= m.config.n_layer and (total == 1).all()
-    assert len(set(N.flatten().tolist())) >= 3 and N.max() == m.config.n_layer and N.min() < 3  # not vacuous
+    # not vacuous
+    assert len(set(N.flatten().tolist())) >= 3 and N.max() == m.config.n_layer and N.min() < 3
     # ponder cost: act_weight * mean(N + R)
     assert abs(out.aux_loss.item() - 0.05 * (N + R).mean().item()) < 1e-6
     # a position's weights after its halting step are exactly zero
@@ -195,7 +201,7 @@ def test_act_halting_unit_gets_gradients():
     m.train()
     out = m(ids_of(2, 16), targets=ids_of(2, 16, seed=2))
     g = torch.autograd.grad(out.aux_loss, m.act.halt.weight, retain_graph=True)[0]
-    assert g.abs().max() > 0                                               # the ponder cost trains halting
+    assert g.abs().max() > 0  # the ponder cost trains halting
     (out.loss + out.aux_loss).backward()
     assert m.act.halt.weight.grad.abs().max() > 0 and m.step_emb.weight.grad.abs().max() > 0
 
@@ -203,7 +209,8 @@ def test_act_halting_unit_gets_gradients():
 def test_act_halted_positions_stop_changing():
     """More steps change nothing at positions that halted early: their output is already final."""
     short = act_model(n_layer=5)
-    long_ = build(ut_config(n_layer=8, act=True, act_threshold=0.9, act_weight=0.05, depth_embedding="learned"))
+    long_ = build(ut_config(n_layer=8, act=True, act_threshold=0.9, act_weight=0.05,
+                            depth_embedding="learned"))
     sd = short.state_dict()
     sd["step_emb.weight"] = torch.cat((sd["step_emb.weight"], long_.step_emb.weight.detach()[5:]))
     long_.load_state_dict(sd)
@@ -211,24 +218,43 @@ def test_act_halted_positions_stop_changing():
     x = ids_of(2, 16)
     with torch.no_grad():
         a, b = short.hidden(x), long_.hidden(x)
-    early = rec[-1][1][2] < 5                                              # halted before the forced stop
+    early = rec[-1][1][2] < 5  # halted before the forced stop
     assert early.any() and (~early).any()
     assert close(a[early], b[early], 1e-6)
-    assert not close(a[~early], b[~early], 1e-3)                           # the forced halts did change
+    assert not close(a[~early], b[~early], 1e-3)  # the forced halts did change
 
 
 def test_act_disabled_equals_fixed_depth():
     fixed = build(ut_config(n_layer=5, depth_embedding="learned"))
     act = build(ut_config(n_layer=5, depth_embedding="learned", act=True, act_weight=0.05), seed=1)
-    act.load_state_dict(fixed.state_dict(), strict=False)                   # all but the halting unit
+    act.load_state_dict(fixed.state_dict(), strict=False)  # all but the halting unit
     x = ids_of(2, 16)
     with torch.no_grad():
         ref = depth_reference(fixed, x)
         assert close(fixed(x).logits, ref, 1e-6) and fixed(x).aux_loss.item() == 0.0
-        act.act.halt.bias.fill_(-1e4)        # p = 0: nobody halts early, the last step takes weight 1
+        act.act.halt.bias.fill_(-1e4)  # p = 0: nobody halts early, the last step takes weight 1
         out = act(x)
         assert close(out.logits, ref, 1e-6)
         assert abs(out.aux_loss.item() - 0.05 * (5 + 1)) < 1e-6           # N = 5, R = 1 everywhere
+
+
+def test_act_sum_exactly_at_the_threshold_does_not_halt():
+    """The UT's rule halts a position once its summed p *exceeds* the threshold. With the halting
+    unit zeroed, p = 0.5 at every step; with threshold 0.5 step 1 lands exactly on it (no halt) and
+    step 2 passes it, halting with the remainder R = 1 - 0.5. Hand-computed: every position mixes
+    its first two states 0.5 / 0.5 and the ponder cost is act_weight * (N + R) = 0.1 * (2 + 0.5).
+    Halting at >= would stop at step 1 with weight 1 and cost 0.1 * (1 + 1)."""
+    m = build(ut_config(n_layer=4, act=True, act_threshold=0.5, act_weight=0.1))
+    states = []
+    m.blocks[0].register_forward_hook(lambda mod, inp, out: states.append(out))
+    with torch.no_grad():
+        m.act.halt.weight.zero_()
+        m.act.halt.bias.zero_()
+        out = m(ids_of(2, 9))
+        want = m.lm_head(m.norm_f(0.5 * states[0] + 0.5 * states[1]))
+    assert len(states) == 4 and not close(states[0], states[1], 1e-2)
+    assert close(out.logits, want, 1e-6)
+    assert out.aux_loss.item() == pytest.approx(0.1 * 2.5, abs=1e-7)
 
 
 def cached_logits(model, ids, prefill):
@@ -260,7 +286,8 @@ def test_ut_act_cached_decoding_equals_full_forward(depth):
         full = m(x).logits
         assert close(cached_logits(m, x, 7), full, 1e-5)
         prompt = x[:, :6]
-        assert torch.equal(m.generate(prompt, 12, temperature=0), greedy_full_forwards(m, prompt, 12))
+        assert torch.equal(m.generate(prompt, 12, temperature=0),
+                           greedy_full_forwards(m, prompt, 12))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,7 +297,8 @@ def test_ut_act_cached_decoding_equals_full_forward(depth):
 def segmented_logits(model, ids, cuts):
     """Feed ids in segments [cuts[i], cuts[i+1]) through one carried cache."""
     cache = model.setup_cache(ids.shape[0], 0)
-    out = [model(ids[:, a:b], cache=cache, input_pos=torch.arange(a, b)).logits for a, b in zip(cuts, cuts[1:])]
+    out = [model(ids[:, a:b], cache=cache, input_pos=torch.arange(a, b)).logits
+           for a, b in zip(cuts, cuts[1:])]
     return torch.cat(out, 1), cache
 
 
@@ -278,8 +306,8 @@ CUTS = [0, 1, 3, 9, 10, 11, 12, 19, 20, 23]   # lengths 1, 2, 6, 1, 1, 1, 7, 1, 
 
 
 @pytest.mark.parametrize("gate", ["fixed", "lstm"])
-@pytest.mark.parametrize("position, recurrent", [("rope", (1,)), ("learned", (1,)), ("rope", (0, 2)),
-                                                 ("none", (2,))])
+@pytest.mark.parametrize("position, recurrent", [("rope", (1,)), ("learned", (1,)),
+                                                 ("rope", (0, 2)), ("none", (2,))])
 def test_brt_segments_equal_one_call(gate, position, recurrent):
     m = build(brt_config(state_gate=gate, position=position, recurrent_layers=recurrent))
     x = ids_of(2, CUTS[-1])
@@ -299,7 +327,8 @@ def test_brt_cache_stays_bounded():
     x = ids_of(1, 30)
     with torch.no_grad():
         _, cache = segmented_logits(m, x, list(range(31)))
-    for c in cache:   # after position 29 (block 7, 2 of its tokens seen): previous block + those 2 tokens
+    # after position 29 (block 7, 2 of its tokens seen): previous block + those 2 tokens
+    for c in cache:
         assert c.k.shape[2] == 4 + 2 and c.pos.tolist() == list(range(24, 30))
     assert cache[1].block_k.shape[2] == 2 and cache[1].block_pos.tolist() == [28, 29]
 
@@ -318,7 +347,7 @@ def test_brt_states_change_only_at_block_ends(gate):
                 now = cache[i].states.clone()
                 assert torch.equal(now, before[i]) == (t % w != w - 1), (i, t)
                 before[i] = now
-    assert cache[1].states is None                                         # a block_attn layer holds none
+    assert cache[1].states is None  # a block_attn layer holds none
 
 
 @pytest.mark.parametrize("gate", ["fixed", "lstm"])
@@ -337,6 +366,28 @@ def test_brt_gradients_reach_gates_and_states(gate):
     params = dict(layer.named_parameters())
     for n in names:
         assert params[n].grad is not None and params[n].grad.abs().max() > 0, n
+
+
+@pytest.mark.parametrize("gate", ["fixed", "lstm"])
+def test_state_gate_is_the_papers_formula(gate):
+    """Hutchins et al. 2022's gates written out, with distinct input and forget biases (swapping
+    them, or the two gates, changes the result). fixed: c' = sigmoid(b_f) c + sigmoid(b_i) z, z =
+    W_z h + b_z; lstm: c' = sigmoid(W_f h + b_f) c + sigmoid(W_i h + b_i) tanh(W_z h + b_z)."""
+    cfg = brt_config(state_gate=gate)
+    C = cfg.d_model
+    torch.manual_seed(0)
+    g = StateGate(cfg)
+    c, h = torch.randn(2, 5, C), torch.randn(2, 5, C)
+    lin = lambda layer: h @ layer.weight.T + layer.bias  # noqa: E731
+    with torch.no_grad():
+        g.i_bias.copy_(torch.linspace(-2.0, -0.5, C))
+        g.f_bias.copy_(torch.linspace(0.5, 3.0, C))
+        if gate == "fixed":
+            want = torch.sigmoid(g.f_bias) * c + torch.sigmoid(g.i_bias) * lin(g.z)
+        else:
+            want = (torch.sigmoid(lin(g.f) + g.f_bias) * c
+                    + torch.sigmoid(lin(g.i) + g.i_bias) * torch.tanh(lin(g.z)))
+        assert close(g(c, h), want, 1e-6)
 
 
 def test_brt_truncated_backprop_between_segments():
@@ -370,9 +421,9 @@ def dependence(model, ids, j):
 @pytest.mark.parametrize("n_layer", [1, 2])
 def test_brt_attention_is_block_local_and_states_reach_further(n_layer):
     """Each block_attn layer sees its own block and the previous one, so a stack of L of them sees L
-    blocks back (as Transformer-XL); a token L+1 or more blocks back changes nothing. With a recurrent
-    layer the states carry it."""
-    w, T = 4, 24                                                           # the last token is in block 5
+    blocks back (as Transformer-XL); a token L+1 or more blocks back changes nothing. With a
+    recurrent layer the states carry it."""
+    w, T = 4, 24  # the last token is in block 5
     local = build(brt_config(n_layer=n_layer, recurrent_layers=()))
     assert set(local.mixer_types) == {"block_attn"}
     x = ids_of(2, T)
@@ -391,7 +442,7 @@ def test_brt_generate_equals_greedy_full_forwards(gate):
     m = build(brt_config(state_gate=gate))
     prompt = ids_of(2, 5)
     with torch.no_grad():
-        out = m.generate(prompt, 17, temperature=0)                       # positions 5..21: 4 block ends
+        out = m.generate(prompt, 17, temperature=0)  # positions 5..21: 4 block ends
         assert torch.equal(out, greedy_full_forwards(m, prompt, 17))
 
 
@@ -421,22 +472,23 @@ def brt_model(seed=0, **kw):
 
 
 def naive_block_attention(model, layer, x):
-    """A block_attn layer written per query: its keys are its own block up to itself, the whole previous
-    block and, with compression, the mean key/value of each group of c tokens among the compress_slots*c
-    tokens before the previous block; the dynamic bias is the MLP at log(1 + query - key position)."""
+    """A block_attn layer written per query: its keys are its own block up to itself, the whole
+    previous block and, with compression, the mean key/value of each group of c tokens among the
+    compress_slots*c tokens before the previous block; the dynamic bias is the MLP at log(1 + query
+    - key position)."""
     cfg, (B, T, _) = model.config, x.shape
     w, c, nh, hs = cfg.block_width, cfg.compress_factor, cfg.n_head, cfg.hs
     heads = lambda t: t.view(B, T, -1, hs).transpose(1, 2)               # noqa: E731
-    g = nh // cfg.kv_heads                                                 # query heads per K/V head
+    g = nh // cfg.kv_heads  # query heads per K/V head
     q = heads(layer.q_proj(x))                                             # (B, nh, T, hs)
     k, v = (heads(p(x)).repeat_interleave(g, 1) for p in (layer.k_proj, layer.v_proj))
     if cfg.position == "rope":
-        cos, sin = model.rope["block_attn"](torch.arange(T))
+        cos, sin = model.position.rotary(torch.arange(T), "block_attn")
         rot = lambda t: t * cos + torch.cat((-t[..., hs // 2:], t[..., :hs // 2]), -1) * sin  # noqa: E731
         q, k = rot(q), rot(k)
     out = torch.zeros(B, nh, T, hs)
     for t in range(T):
-        prev = (t // w - 1) * w                                            # the previous block's start
+        prev = (t // w - 1) * w  # the previous block's start
         at = list(range(max(prev, 0), t + 1))
         keys, vals = [k[:, :, j] for j in at], [v[:, :, j] for j in at]
         for s in range(max(prev - cfg.compress_slots * c, 0), prev, c or 1) if c else ():
@@ -452,15 +504,16 @@ def naive_block_attention(model, layer, x):
     return layer.o_proj(out.transpose(1, 2).reshape(B, T, nh * hs))
 
 
-@pytest.mark.parametrize("position, compress, n_kv_head", [("dynamic_bias", 2, 1), ("rope", 4, 1),
-                                                           ("dynamic_bias", 0, 2), ("dynamic_bias", 4, None)])
+@pytest.mark.parametrize("position, compress, n_kv_head", [
+    ("dynamic_bias", 2, 1), ("rope", 4, 1), ("dynamic_bias", 0, 2), ("dynamic_bias", 4, None)])
 def test_block_attention_matches_naive_reference(position, compress, n_kv_head):
-    m = brt_model(position=position, compress_factor=compress, compress_slots=3, n_kv_head=n_kv_head)
+    m = brt_model(position=position, compress_factor=compress, compress_slots=3,
+                  n_kv_head=n_kv_head)
     layer = m.blocks[0].mixer
-    assert layer.k_proj.out_features == m.config.kv_heads * m.config.hs                 # MQA: one K/V head
+    assert layer.k_proj.out_features == m.config.kv_heads * m.config.hs  # MQA: one K/V head
     x = torch.randn(2, 23, m.config.d_model, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        ctx = m.contexts(torch.arange(23), None)["block_attn"]
+        ctx = m.context("block_attn", torch.arange(23), None, None, False)
         assert close(layer(x, ctx), naive_block_attention(m, layer, x), 1e-5)
 
 
@@ -476,37 +529,45 @@ def test_brt_segments_equal_one_call_compressed(position, compress, gate, n_kv_h
         seg, _ = segmented_logits(m, x, CUTS)
         one_by_one, _ = segmented_logits(m, x, list(range(CUTS[-1] + 1)))
         assert close(seg, full, 1e-5) and close(one_by_one, full, 1e-5)
-        plain = brt_model(position=position, state_gate=gate, n_kv_head=n_kv_head, recurrent_layers=(0, 2))
-        plain.load_state_dict(m.state_dict())                                   # compression has no weights
-        assert close(plain(x).logits[:, :8], full[:, :8], 1e-6)              # blocks 0-1 have nothing compressed
-        assert not close(plain(x).logits[:, 8:], full[:, 8:], 1e-3)         # later ones read compressed slots
+        plain = brt_model(position=position, state_gate=gate, n_kv_head=n_kv_head,
+                          recurrent_layers=(0, 2))
+        plain.load_state_dict(m.state_dict())  # compression has no weights
+        # blocks 0-1 have nothing compressed
+        assert close(plain(x).logits[:, :8], full[:, :8], 1e-6)
+        # later ones read compressed slots
+        assert not close(plain(x).logits[:, 8:], full[:, 8:], 1e-3)
 
 
 def test_brt_compressed_memory_stays_bounded_and_reaches_back():
-    """width 4, c 2, 3 slots: a query reads its block, the previous one and 6 tokens before that, no further."""
-    m = brt_model(n_layer=1, recurrent_layers=(), compress_factor=2, compress_slots=3, position="dynamic_bias")
+    """width 4, c 2, 3 slots: a query reads its block, the previous one and 6 tokens before that,
+    no further."""
+    m = brt_model(n_layer=1, recurrent_layers=(), compress_factor=2, compress_slots=3,
+                  position="dynamic_bias")
     x = ids_of(1, 30)
     with torch.no_grad():
         _, cache = segmented_logits(m, x, list(range(31)))
-    # after position 29 (block 7): XL keys 24..29; slots of the 6 tokens before, (18, 19), (20, 21), (22, 23)
+    # after position 29 (block 7): XL keys 24..29; slots of the 6 tokens before, (18, 19), (20, 21),
+    # (22, 23)
     assert cache[0].pos.tolist() == list(range(24, 30)) and cache[0].cpos.tolist() == [18, 20, 22]
     assert cache[0].ck.shape[2] == cache[0].cv.shape[2] == 3
     seen = [j for j in range(29) if dependence(m, x, j) > 1e-5]
-    assert seen == list(range(18, 29)), seen    # 29 is in block 7: block 6 (24..27) + slots back to 18
+    # 29 is in block 7: block 6 (24..27) + slots back to 18
+    assert seen == list(range(18, 29)), seen
 
 
 def test_brt_memory_and_state_dropout_act_only_in_training():
     torch.manual_seed(0)
     kw = dict(position="dynamic_bias", compress_factor=2, recurrent_layers=())
-    m = brt_model(memory_dropout=1 - 1e-7, **kw)                            # hides every block's memory
+    m = brt_model(memory_dropout=1 - 1e-7, **kw)  # hides every block's memory
     x = ids_of(2, 16)
     with torch.no_grad():
         ref = brt_model(**kw)
         ref.load_state_dict(m.state_dict())
-        assert close(m(x).logits, ref(x).logits, 0.0)                       # eval: no dropout at all
+        assert close(m(x).logits, ref(x).logits, 0.0)  # eval: no dropout at all
         m.train()
-        blockwise = torch.cat([ref(x[:, a:a + 4], input_pos=torch.arange(a, a + 4)).logits for a in range(0, 16, 4)], 1)
-        assert close(m(x).logits, blockwise, 1e-5)                          # training: each block alone
+        blockwise = torch.cat([ref(x[:, a:a + 4], input_pos=torch.arange(a, a + 4)).logits
+                               for a in range(0, 16, 4)], 1)
+        assert close(m(x).logits, blockwise, 1e-5)  # training: each block alone
         assert not close(blockwise, ref(x).logits, 1e-3)
     s = brt_model(state_dropout=0.5, position="dynamic_bias")
     with torch.no_grad():
@@ -515,20 +576,21 @@ def test_brt_memory_and_state_dropout_act_only_in_training():
         assert close(s(x).logits, s_ref(x).logits, 0.0)
         s.train()
         a, b = s(x).logits, s(x).logits
-        assert close(a[:, :4], s_ref(x).logits[:, :4], 1e-6)                 # block 0 reads the initial states
-        assert not close(a[:, 4:], b[:, 4:], 1e-3)                           # later blocks: the dropped update
+        assert close(a[:, :4], s_ref(x).logits[:, :4], 1e-6)  # block 0 reads the initial states
+        assert not close(a[:, 4:], b[:, 4:], 1e-3)  # later blocks: the dropped update
 
 
 def test_brt_gradients_reach_position_bias_and_compressed_tokens():
-    m = brt_model(n_layer=1, recurrent_layers=(), compress_factor=2, compress_slots=3, position="dynamic_bias")
+    m = brt_model(n_layer=1, recurrent_layers=(), compress_factor=2, compress_slots=3,
+                  position="dynamic_bias")
     m.train()
     emb = m.wte(ids_of(1, 24)).detach().requires_grad_()                   # (1, 24, C)
     h = emb
-    ctx = m.contexts(torch.arange(24), None)["block_attn"]
+    ctx = m.context("block_attn", torch.arange(24), None, None, False)
     h = m.blocks[0](h, ctx)
-    h[:, -1].pow(2).sum().backward()                                       # the last token of block 5
+    h[:, -1].pow(2).sum().backward()  # the last token of block 5
     reach = emb.grad[0].abs().amax(-1)
-    assert (reach[10:16] > 0).all() and (reach[:10] == 0).all()             # slots (10..15), then nothing
+    assert (reach[10:16] > 0).all() and (reach[:10] == 0).all()  # slots (10..15), then nothing
     for name, p in m.blocks[0].mixer.pos_bias.named_parameters():
         assert p.grad is not None and p.grad.abs().max() > 0, name
 
@@ -536,15 +598,16 @@ def test_brt_gradients_reach_position_bias_and_compressed_tokens():
 def test_brt_generate_equals_greedy_full_forwards_compressed():
     m = brt_model(state_gate="lstm", position="dynamic_bias", compress_factor=2, compress_slots=2)
     prompt = ids_of(2, 5)
-    with torch.no_grad():                                              # positions 5..17: slots from 8 on
-        assert torch.equal(m.generate(prompt, 13, temperature=0), greedy_full_forwards(m, prompt, 13))
+    with torch.no_grad():  # positions 5..17: slots from 8 on
+        assert torch.equal(m.generate(prompt, 13, temperature=0),
+                           greedy_full_forwards(m, prompt, 13))
 
 
 def test_brt_new_options_are_wired_and_validated():
     gates = build(brt_config(state_forget_bias=3.0)).blocks[1].mixer
     assert (gates.gate_1.f_bias == 3.0).all() and (gates.gate_2.f_bias == 3.0).all()
     with pytest.raises(ValueError, match="compress_factor"):
-        brt_config(compress_factor=3)                                       # does not divide block_width 4
+        brt_config(compress_factor=3)  # does not divide block_width 4
     with pytest.raises(ValueError, match="compress_slots"):
         brt_config(compress_factor=2, compress_slots=0)
     with pytest.raises(ValueError, match="dynamic_bias"):

@@ -1,0 +1,605 @@
+"""HF-format import: a directory written by transformers' save_pretrained (config.json and
+safetensors) becomes a model.py Transformer, for the 15 families of FAMILIES.
+
+A family is three things, each kept so that an export (ours -> HF) can run them backwards:
+  1. a config translation   HF config.json -> our Config fields            (*_config functions)
+  2. a key table            {hf_template: our_template}, {} = a layer (or expert) index: a plain
+                            dict, so the export inverts it as it is
+  3. reshapes               small named functions for what renaming cannot do (transpose_conv1d,
+                            split_qkv, stack_experts, ...), each with one obvious inverse
+from_pretrained reads config.json, renames and reshapes the weights, checks their shapes against
+the config, and loads them. Every failure is a one-line ValueError naming the file.
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from model import Config, Transformer
+
+# ----------------------------------------------------------------------------------------------
+# 1. Config translation: HF config.json dict -> our Config fields
+
+LAYER_TYPES = {"full_attention": "attn", "sliding_attention": "local_attn",
+               "linear_attention": "deltanet"}
+ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+               "relu": "relu", "silu": "silu", "swish": "silu"}
+
+
+def rope_fields(hf, rope):
+    """Our rope_* fields from one rope_parameters entry (v5) or the old rope_theta/rope_scaling."""
+    rope = rope or {"rope_theta": hf.get("rope_theta", 10000.0), **(hf.get("rope_scaling") or {})}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    out = {"rope_theta": rope["rope_theta"], "rope_scaling": "none" if kind == "default" else kind}
+    if kind != "default":
+        out["rope_factor"] = rope["factor"]
+        out["rope_original_max_len"] = rope.get("original_max_position_embeddings",
+                                                hf["max_position_embeddings"])
+    if kind == "llama3":
+        out["rope_low_freq_factor"] = rope["low_freq_factor"]
+        out["rope_high_freq_factor"] = rope["high_freq_factor"]
+    return out
+
+
+def window(hf):
+    """The sliding window, or None. HF writes "no window" as null, and some configs as -1 or 0
+    (which HF 5.23 would turn into a mask that hides every key); Qwen3's use_sliding_window=false
+    switches the window off whatever its value. A window >= max_position_embeddings is kept:
+    within the context it equals no window, and HF applies it as given."""
+    w = hf.get("sliding_window")
+    if w is None or w <= 0 or hf.get("use_sliding_window") is False:
+        return None
+    return w
+
+
+def gpt2_config(hf):
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+        raise ValueError("GPT-2 options scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn "
+                         "are not supported")
+    return dict(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                n_head=hf["n_head"], d_model=hf["n_embd"], d_ff=hf.get("n_inner"),
+                norm_eps=hf["layer_norm_epsilon"],
+                activation=ACTIVATIONS[hf["activation_function"]],
+                attn_scale=None if hf.get("scale_attn_weights", True) else 1.0,
+                tie_embeddings=hf.get("tie_word_embeddings", True))
+
+
+def llama_config(hf):
+    """LLaMA and its descendants: Mistral (window everywhere), Qwen3 (QK-norm), Gemma 2/3."""
+    rope = hf.get("rope_parameters") or {}
+    act = hf.get("hidden_activation") or hf["hidden_act"]
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    cfg = dict(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
+               n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+               n_kv_head=hf.get("num_key_value_heads"), d_model=hf["hidden_size"],
+               head_dim=hf.get("head_dim"), d_ff=hf["intermediate_size"], norm="rmsnorm",
+               norm_eps=hf["rms_norm_eps"], position="rope", bias=hf.get("attention_bias", False),
+               ffn_bias=hf.get("mlp_bias", False), ffn="glu", activation=ACTIVATIONS[act],
+               tie_embeddings=hf.get("tie_word_embeddings", True), sliding_window=window(hf),
+               rope_fraction=partial)
+    if "full_attention" in rope:  # Gemma 3: one RoPE per layer type
+        cfg.update(rope_fields(hf, rope["full_attention"]),
+                   rope_local_theta=rope["sliding_attention"]["rope_theta"])
+    else:
+        cfg.update(rope_fields(hf, rope), rope_local_theta=hf.get("rope_local_base_freq"))
+    types = [LAYER_TYPES[t] for t in hf.get("layer_types") or []]
+    if cfg["sliding_window"] is None:  # HF builds no window mask then: its sliding layers are full
+        types = ["attn" if t == "local_attn" else t for t in types]
+    if types:
+        cfg["layer_pattern"] = types
+    elif cfg["sliding_window"]:  # Mistral: every layer slides
+        cfg["layer_pattern"] = ["local_attn"]
+    return cfg
+
+
+def qwen3_config(hf):
+    return {**llama_config(hf), "qk_norm": True}
+
+
+def gemma_config(hf):
+    return {**llama_config(hf), "norm_unit_offset": True, "norm_placement": "sandwich",
+            "embed_scale": hf["hidden_size"] ** 0.5,
+            "attn_scale": hf["query_pre_attn_scalar"] ** -0.5,
+            "attn_softcap": hf.get("attn_logit_softcapping"),
+            "final_softcap": hf.get("final_logit_softcapping"), "tie_embeddings": True}
+
+
+def gemma3_config(hf):  # Gemma 3 adds QK-norm and drops the attention softcap
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError("Gemma 3 use_bidirectional_attention (the embedding variant) is not "
+                         "supported")
+    return {**gemma_config(hf), "qk_norm": True, "attn_softcap": None}
+
+
+def mixtral_config(hf):  # every layer MoE, top-k always renormalised
+    return {**llama_config(hf), "ffn_pattern": ["moe"], "n_expert": hf["num_local_experts"],
+            "moe_top_k": hf["num_experts_per_tok"], "moe_renorm": True,
+            "moe_aux_weight": hf.get("router_aux_loss_coef", 0.01), "moe_pool_balance": True}
+
+
+def qwen3_moe_config(hf):  # MoE where (i+1) % decoder_sparse_step == 0, except mlp_only_layers
+    step, dense = hf.get("decoder_sparse_step", 1), hf.get("mlp_only_layers") or []
+    pattern = ["moe" if i not in dense and (i + 1) % step == 0 else "dense"
+               for i in range(hf["num_hidden_layers"])]
+    return {**qwen3_config(hf), "ffn_pattern": pattern,
+            "n_expert": hf.get("num_local_experts") or hf["num_experts"],
+            "moe_top_k": hf["num_experts_per_tok"], "moe_d_ff": hf["moe_intermediate_size"],
+            "moe_renorm": hf.get("norm_topk_prob", False),
+            "moe_aux_weight": hf.get("router_aux_loss_coef", 0.01),
+            "moe_pool_balance": True}  # HF's definition of the balance loss (see model.MoE)
+
+
+def qwen3_next_config(hf):
+    """Qwen3-Next: Gated DeltaNet 3:1 gated attention, (1+w) norms, partial RoPE, MoE with a
+    shared expert."""
+    return {**qwen3_moe_config(hf), "norm_unit_offset": True, "attn_gate": True,
+            "moe_renorm": hf.get("norm_topk_prob", True),
+            "moe_shared_d_ff": hf["shared_expert_intermediate_size"],
+            "dn_heads": hf["linear_num_key_heads"], "dn_v_heads": hf["linear_num_value_heads"],
+            "dn_head_dim": hf["linear_key_head_dim"], "dn_v_head_dim": hf["linear_value_head_dim"],
+            "dn_conv": hf["linear_conv_kernel_dim"]}
+
+
+def bert_config(hf):
+    """BERT: post-LN encoder, learned positions, token types, embedding norm, MLM + NSP heads."""
+    if hf.get("is_decoder"):
+        raise ValueError(f"{hf['model_type']} is_decoder=true (causal attention, cross-attention) "
+                         f"is not supported; the import reads bidirectional encoders")
+    return dict(architecture="encoder_only", vocab_size=hf["vocab_size"],
+                block_size=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
+                n_head=hf["num_attention_heads"], d_model=hf["hidden_size"],
+                d_ff=hf["intermediate_size"], norm_eps=hf["layer_norm_eps"], norm_placement="post",
+                final_norm=False, activation=ACTIVATIONS[hf["hidden_act"]],
+                type_vocab_size=hf["type_vocab_size"], embed_norm=True, head_transform=True,
+                head_bias=True, cls_head=True, tie_embeddings=hf.get("tie_word_embeddings", True))
+
+
+def albert_config(hf):
+    """ALBERT: BERT with factorised embeddings (E < H), blocks shared across layer groups, SOP."""
+    if hf.get("inner_group_num", 1) != 1:
+        raise ValueError(f"ALBERT inner_group_num={hf['inner_group_num']} is not supported "
+                         f"(released models use 1)")
+    return {**bert_config(hf), "embed_dim": hf["embedding_size"],
+            "layer_groups": hf["num_hidden_groups"]}
+
+
+DEBERTA_V3 = {  # HF option -> (its default, what the import implements, test of the value)
+    "relative_attention": (False, "true", bool),
+    "position_biased_input": (True, "false (no absolute positions)", lambda v: not v),
+    "share_att_key": (False, "true", bool),
+    "pos_att_type": (None, "c2p|p2c",  # a list, or in v3's hub files the string "p2c|c2p"
+                     lambda v: sorted(v.split("|") if isinstance(v, str) else v or [])
+                     == ["c2p", "p2c"]),
+    "position_buckets": (-1, "> 0", lambda v: v > 0),
+    "norm_rel_ebd": ("none", "layer_norm", lambda v: "layer_norm" in v),
+    "conv_kernel_size": (0, "0 (no convolution layer)", lambda v: not v),
+    "type_vocab_size": (0, "0", lambda v: not v),
+}
+
+
+def deberta_config(hf):
+    """DeBERTa-v3: BERT's post-LN encoder, disentangled attention over log-bucketed positions."""
+    for key, (default, need, ok) in DEBERTA_V3.items():
+        if not ok(hf.get(key, default)):
+            raise ValueError(f"DeBERTa {key}={hf.get(key, default)!r} is not supported; the import "
+                             f"implements DeBERTa-v3-style configs ({key} {need})")
+    if hf.get("embedding_size", hf["hidden_size"]) != hf["hidden_size"]:  # v2's embed_proj
+        raise ValueError(f"DeBERTa embedding_size={hf['embedding_size']} != hidden_size="
+                         f"{hf['hidden_size']} is not supported; the import implements "
+                         f"DeBERTa-v3-style configs (no embed_proj)")
+    hs = hf["hidden_size"] // hf["num_attention_heads"]
+    max_rel = hf.get("max_relative_positions", -1)
+    return {**bert_config(hf), "position": "disentangled", "cls_head": False,
+            "rel_buckets": hf["position_buckets"],
+            "rel_max_distance": max_rel if max_rel > 0 else hf["max_position_embeddings"],
+            "attn_scale": (3 * hs) ** -0.5}  # q·k and both relative terms share sqrt(3·hs)
+
+
+def bart_config(hf):
+    """BART: post-LN encoder-decoder, learned positions offset by 2, layernorm_embedding,
+    final_logits_bias."""
+    stacks = {part: dict(n_layer=hf[f"{part}_layers"], n_head=hf[f"{part}_attention_heads"],
+                         d_ff=hf[f"{part}_ffn_dim"]) for part in ("encoder", "decoder")}
+    return dict(architecture="encoder_decoder", **stacks, vocab_size=hf["vocab_size"],
+                d_model=hf["d_model"], n_layer=hf["decoder_layers"],
+                n_head=hf["decoder_attention_heads"], block_size=hf["max_position_embeddings"],
+                pos_offset=2, embed_norm=True, norm_placement="post", final_norm=False,
+                head_bias=True, activation=ACTIVATIONS[hf["activation_function"]],
+                embed_scale=hf["d_model"] ** 0.5 if hf.get("scale_embedding") else None,
+                decoder_start_token_id=hf["decoder_start_token_id"])
+
+
+def marian_config(hf):
+    """Marian (the original Transformer for NMT): BART's layout, sinusoidal positions, no
+    embedding norm."""
+    if not hf.get("share_encoder_decoder_embeddings", True):
+        raise ValueError("Marian share_encoder_decoder_embeddings=false (separate source and "
+                         "target vocabularies) is not supported; the import shares one embedding")
+    return {**bart_config(hf), "position": "sinusoidal", "pos_offset": 0, "embed_norm": False}
+
+
+def t5_config(hf):
+    """T5: pre-norm RMSNorm encoder-decoder, relative position bias, unscaled q·k, no biases."""
+    gated = hf.get("is_gated_act", hf["feed_forward_proj"].startswith("gated"))
+    scaled = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True))
+    return dict(architecture="encoder_decoder", vocab_size=hf["vocab_size"], d_model=hf["d_model"],
+                head_dim=hf["d_kv"], d_ff=hf["d_ff"], n_head=hf["num_heads"],
+                n_layer=hf["num_layers"],
+                decoder=dict(n_layer=hf.get("num_decoder_layers") or hf["num_layers"]),
+                block_size=hf.get("n_positions", 512), norm="rmsnorm",
+                norm_eps=hf["layer_norm_epsilon"], position="relative_bias",
+                rel_buckets=hf["relative_attention_num_buckets"],
+                rel_max_distance=hf["relative_attention_max_distance"], attn_scale=1.0, bias=False,
+                ffn="glu" if gated else "mlp",
+                activation=ACTIVATIONS[hf.get("dense_act_fn", "relu")],
+                head_input_scale=hf["d_model"] ** -0.5 if scaled else None,
+                decoder_start_token_id=hf.get("decoder_start_token_id") or 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Key tables: HF weight name -> ours; {} is the layer (and expert) index
+
+LLAMA_KEYS = {
+    "model.embed_tokens.weight": "wte.weight",
+    "model.norm.weight": "norm_f.weight",
+    "lm_head.weight": "lm_head.weight",
+    **{f"model.layers.{{}}.self_attn.{p}_proj.{w}": f"blocks.{{}}.mixer.{p}_proj.{w}"
+       for p in "qkvo" for w in ("weight", "bias")},
+    "model.layers.{}.self_attn.q_norm.weight": "blocks.{}.mixer.q_norm.weight",
+    "model.layers.{}.self_attn.k_norm.weight": "blocks.{}.mixer.k_norm.weight",
+    **{f"model.layers.{{}}.mlp.{p}_proj.{w}": f"blocks.{{}}.ffn.{p}.{w}"
+       for p in ("gate", "up", "down") for w in ("weight", "bias")},
+    "model.layers.{}.input_layernorm.weight": "blocks.{}.norm_1.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "blocks.{}.norm_2.weight",
+}
+GEMMA_KEYS = {  # sandwich norms: post_attention_layernorm is the norm *after* attention
+    **LLAMA_KEYS,
+    "model.layers.{}.post_attention_layernorm.weight": "blocks.{}.post_norm_1.weight",
+    "model.layers.{}.pre_feedforward_layernorm.weight": "blocks.{}.norm_2.weight",
+    "model.layers.{}.post_feedforward_layernorm.weight": "blocks.{}.post_norm_2.weight",
+}
+GPT2_LAYER = {"ln_1": "norm_1", "ln_2": "norm_2", "attn.c_proj": "mixer.o_proj",
+              "attn.c_attn": "mixer.qkv", "mlp.c_fc": "ffn.up", "mlp.c_proj": "ffn.down"}
+GPT2_KEYS = {  # Conv1D weights are (in, out); c_attn holds [q | k | v]: see the reshapes
+    "wte.weight": "wte.weight", "wpe.weight": "wpe.weight",
+    "ln_f.weight": "norm_f.weight", "ln_f.bias": "norm_f.bias",
+    **{f"h.{{}}.{a}.{w}": f"blocks.{{}}.{b}.{w}" for a, b in GPT2_LAYER.items()
+       for w in ("weight", "bias")},
+}
+MOE_KEYS = {  # Qwen3-MoE; each expert apart on disk, stacked by stack_experts
+    **LLAMA_KEYS,
+    "model.layers.{}.mlp.gate.weight": "blocks.{}.ffn.router.weight",
+    **{f"model.layers.{{}}.mlp.experts.{{}}.{p}_proj.weight":
+       f"blocks.{{}}.ffn.experts.{{}}.{p}.weight" for p in ("gate", "up", "down")},
+}
+MIXTRAL_KEYS = {
+    **LLAMA_KEYS,
+    "model.layers.{}.block_sparse_moe.gate.weight": "blocks.{}.ffn.router.weight",
+    **{f"model.layers.{{}}.block_sparse_moe.experts.{{}}.{w}.weight":
+       f"blocks.{{}}.ffn.experts.{{}}.{p}.weight"
+       for w, p in (("w1", "gate"), ("w3", "up"), ("w2", "down"))},
+}
+QWEN3_NEXT_LAYER = {"in_proj_qkvz.weight": "in_proj_qkvz", "in_proj_ba.weight": "in_proj_ba",
+                    "conv1d.weight": "conv.weight", "A_log": "A_log", "dt_bias": "dt_bias",
+                    "norm.weight": "norm.weight", "out_proj.weight": "out_proj.weight"}
+QWEN3_NEXT_KEYS = {
+    **MOE_KEYS,
+    **{f"model.layers.{{}}.linear_attn.{a}": f"blocks.{{}}.mixer.{b}"
+       for a, b in QWEN3_NEXT_LAYER.items()},
+    **{f"model.layers.{{}}.mlp.shared_expert.{p}_proj.weight":
+       f"blocks.{{}}.ffn.shared_expert.{p}.weight" for p in ("gate", "up", "down")},
+    "model.layers.{}.mlp.shared_expert_gate.weight": "blocks.{}.ffn.shared_gate.weight",
+}
+BERT_LAYER = {"attention.self.query": "mixer.q_proj", "attention.self.key": "mixer.k_proj",
+              "attention.self.value": "mixer.v_proj", "attention.output.dense": "mixer.o_proj",
+              "attention.output.LayerNorm": "norm_1", "intermediate.dense": "ffn.up",
+              "output.dense": "ffn.down", "output.LayerNorm": "norm_2"}
+BERT_HEADS = {"bert.pooler.dense": "pooler", "cls.predictions.transform.dense": "head_transform.0",
+              "cls.predictions.transform.LayerNorm": "head_transform.2",
+              "cls.predictions.decoder": "lm_head", "cls.seq_relationship": "cls",
+              "bert.embeddings.LayerNorm": "embed_norm"}
+BERT_KEYS = {
+    **{f"bert.embeddings.{a}_embeddings.weight": f"{b}.weight"
+       for a, b in [("word", "wte"), ("position", "wpe"), ("token_type", "wtt")]},
+    **{f"bert.encoder.layer.{{}}.{a}.{w}": f"blocks.{{}}.{b}.{w}" for a, b in BERT_LAYER.items()
+       for w in ("weight", "bias")},
+    **{f"{a}.{w}": f"{b}.{w}" for a, b in BERT_HEADS.items() for w in ("weight", "bias")},
+    "cls.predictions.bias": "lm_head.bias",
+}
+ALBERT_LAYER = {"attention.query": "mixer.q_proj", "attention.key": "mixer.k_proj",
+                "attention.value": "mixer.v_proj", "attention.dense": "mixer.o_proj",
+                "attention.LayerNorm": "norm_1", "ffn": "ffn.up", "ffn_output": "ffn.down",
+                "full_layer_layer_norm": "norm_2"}
+ALBERT_HEADS = {"albert.pooler": "pooler", "predictions.dense": "head_transform.0",
+                "predictions.LayerNorm": "head_transform.2", "predictions.decoder": "lm_head",
+                "sop_classifier.classifier": "cls", "albert.embeddings.LayerNorm": "embed_norm",
+                "albert.encoder.embedding_hidden_mapping_in": "embed_proj"}
+ALBERT_KEYS = {  # group g, inner layer 0: blocks.{0} takes the group index only
+    **{k.replace("bert.", "albert."): v for k, v in BERT_KEYS.items() if "_embeddings" in k},
+    **{f"albert.encoder.albert_layer_groups.{{}}.albert_layers.{{}}.{a}.{w}":
+       f"blocks.{{0}}.{b}.{w}" for a, b in ALBERT_LAYER.items() for w in ("weight", "bias")},
+    **{f"{a}.{w}": f"{b}.{w}" for a, b in ALBERT_HEADS.items() for w in ("weight", "bias")},
+    "predictions.bias": "lm_head.bias",
+}
+DEBERTA_LAYER = {**{k: v for k, v in BERT_LAYER.items() if not k.startswith("attention.self")},
+                 **{f"attention.self.{p}_proj": f"mixer.{p[0]}_proj"
+                    for p in ("query", "key", "value")}}
+DEBERTA_KEYS = {
+    "deberta.embeddings.word_embeddings.weight": "wte.weight",
+    **{f"deberta.embeddings.LayerNorm.{w}": f"embed_norm.{w}" for w in ("weight", "bias")},
+    "deberta.encoder.rel_embeddings.weight": "rel_embeddings.weight",
+    **{f"deberta.encoder.LayerNorm.{w}": f"rel_embeddings.norm.{w}" for w in ("weight", "bias")},
+    **{f"deberta.encoder.layer.{{}}.{a}.{w}": f"blocks.{{}}.{b}.{w}"
+       for a, b in DEBERTA_LAYER.items() for w in ("weight", "bias")},
+    **{k: v for k, v in BERT_KEYS.items() if k.startswith("cls.predictions")},
+    # legacy=False names the same MLM head lm_predictions.lm_head.{dense, LayerNorm, bias}
+    **{f"lm_predictions.lm_head.{a}.{w}": f"head_transform.{b}.{w}"
+       for a, b in (("dense", 0), ("LayerNorm", 2)) for w in ("weight", "bias")},
+    "lm_predictions.lm_head.bias": "lm_head.bias",
+}
+BART_LAYER = {**{f"{a}_attn.{p}_proj": f"{b}.{p}_proj" for a, b in (("self", "mixer"),
+                                                                    ("encoder", "cross"))
+                 for p in "qkv"},
+              "self_attn.out_proj": "mixer.o_proj", "encoder_attn.out_proj": "cross.o_proj",
+              "self_attn_layer_norm": "norm_1", "encoder_attn_layer_norm": "norm_x",
+              "fc1": "ffn.up", "fc2": "ffn.down", "final_layer_norm": "norm_2"}
+BART_KEYS = {
+    "model.shared.weight": "encoder.wte.weight",
+    "lm_head.weight": "decoder.lm_head.weight",
+    "final_logits_bias": "decoder.lm_head.bias",
+    **{f"model.{s}.embed_tokens.weight": f"{s}.wte.weight" for s in ("encoder", "decoder")},
+    **{f"model.{s}.embed_positions.weight": f"{s}.wpe.weight" for s in ("encoder", "decoder")},
+    **{f"model.{s}.layernorm_embedding.{w}": f"{s}.embed_norm.{w}" for s in ("encoder", "decoder")
+       for w in ("weight", "bias")},
+    **{f"model.{s}.layers.{{}}.{a}.{w}": f"{s}.blocks.{{}}.{b}.{w}" for s in ("encoder", "decoder")
+       for a, b in BART_LAYER.items() for w in ("weight", "bias")},
+}
+MARIAN_KEYS = {k: v for k, v in BART_KEYS.items() if "embed_positions" not in k}  # sinusoids
+T5_KEYS = {  # the decoder's sub-layer 1 is cross-attention, so its FFN is sub-layer 2
+    "shared.weight": "encoder.wte.weight",
+    "lm_head.weight": "decoder.lm_head.weight",
+    **{f"{s}.embed_tokens.weight": f"{s}.wte.weight" for s in ("encoder", "decoder")},
+    **{f"{s}.final_layer_norm.weight": f"{s}.norm_f.weight" for s in ("encoder", "decoder")},
+    **{f"{s}.block.{{}}.layer.{{}}.SelfAttention.relative_attention_bias.weight":
+       f"{s}.rel_bias.bias.weight" for s in ("encoder", "decoder")},
+    **{f"{s}.block.{{}}.layer.0.SelfAttention.{p}.weight": f"{s}.blocks.{{}}.mixer.{p}_proj.weight"
+       for s in ("encoder", "decoder") for p in "qkvo"},
+    **{f"decoder.block.{{}}.layer.1.EncDecAttention.{p}.weight":
+       f"decoder.blocks.{{}}.cross.{p}_proj.weight" for p in "qkvo"},
+    **{f"{s}.block.{{}}.layer.0.layer_norm.weight": f"{s}.blocks.{{}}.norm_1.weight"
+       for s in ("encoder", "decoder")},
+    "decoder.block.{}.layer.1.layer_norm.weight": "decoder.blocks.{}.norm_x.weight",
+    **{f"{s}.block.{{}}.layer.{i}.layer_norm.weight": f"{s}.blocks.{{}}.norm_2.weight"
+       for s, i in (("encoder", 1), ("decoder", 2))},
+    **{f"{s}.block.{{}}.layer.{i}.DenseReluDense.{a}.weight": f"{s}.blocks.{{}}.ffn.{b}.weight"
+       for s, i in (("encoder", 1), ("decoder", 2))
+       for a, b in (("wi", "up"), ("wi_0", "gate"), ("wi_1", "up"), ("wo", "down"))},
+}
+
+# ----------------------------------------------------------------------------------------------
+# 3. Reshapes: what renaming cannot do, on the renamed state dict (sd) and the config fields (cfg)
+
+
+def transpose_conv1d(sd, cfg):
+    """GPT-2's Conv1D weights are (in, out): transposed to Linear's (out, in)."""
+    for name in [n for n in sd if sd[n].dim() == 2 and not n.startswith(("wte", "wpe"))]:
+        sd[name] = sd[name].t()
+
+
+def split_qkv(sd, cfg):
+    """GPT-2's c_attn rows are [q | k | v], d_model each: three projections."""
+    for name in [n for n in sd if ".qkv." in n]:
+        for p, part in zip("qkv", sd.pop(name).split(cfg["d_model"], dim=0)):
+            sd[name.replace("qkv", f"{p}_proj")] = part
+
+
+def stack_experts(sd, cfg):
+    """HF stores each expert's matrices apart (ffn.experts.{e}.up.weight, ...); ours stacks them,
+    (E, out, in)."""
+    for name in [n for n in sd if ".experts.0." in n]:
+        stem, part = name.split(".experts.0.")
+        sd[f"{stem}.{part.removesuffix('.weight')}"] = torch.stack(
+            [sd.pop(f"{stem}.experts.{e}.{part}") for e in range(cfg["n_expert"])])
+
+
+def merge_deltanet_in_proj(sd, cfg):
+    """HF groups in_proj_qkvz and in_proj_ba rows per key head ([q_g, k_g, v_g, z_g], [b_g, a_g]);
+    ours is one in_proj with rows [q, k, v, z, b, a]."""
+    nk, dk, dv = cfg["dn_heads"], cfg["dn_head_dim"], cfg["dn_v_head_dim"]
+    r = cfg["dn_v_heads"] // nk
+    for name in [n for n in sd if n.endswith("in_proj_qkvz")]:
+        qkvz = sd.pop(name).unflatten(0, (nk, -1)).split([dk, dk, r * dv, r * dv], dim=1)
+        ba = sd.pop(name.replace("qkvz", "ba")).unflatten(0, (nk, -1)).split([r, r], dim=1)
+        sd[name.replace("in_proj_qkvz", "in_proj.weight")] = torch.cat(
+            [p.flatten(0, 1) for p in qkvz + ba])                    # each p: (nk, rows, C)
+
+
+def flatten_logits_bias(sd, cfg):
+    """BART's final_logits_bias is a (1, V) buffer; ours is the head's (V,) bias."""
+    sd["decoder.lm_head.bias"] = sd["decoder.lm_head.bias"].flatten()
+
+
+def masked_lm_heads(sd, cfg):
+    """A *ForMaskedLM file has no pooler and no NSP/SOP classifier (a *ForPreTraining one has)."""
+    cfg["cls_head"] = "cls.weight" in sd
+
+
+FAMILIES = {  # model_type -> (config translation, key table, reshapes in order)
+    "gpt2": (gpt2_config, GPT2_KEYS, (transpose_conv1d, split_qkv)),
+    "llama": (llama_config, LLAMA_KEYS, ()),
+    "mistral": (llama_config, LLAMA_KEYS, ()),
+    "qwen3": (qwen3_config, LLAMA_KEYS, ()),
+    "gemma2": (gemma_config, GEMMA_KEYS, ()),
+    "gemma3_text": (gemma3_config, GEMMA_KEYS, ()),
+    "mixtral": (mixtral_config, MIXTRAL_KEYS, (stack_experts,)),
+    "qwen3_moe": (qwen3_moe_config, MOE_KEYS, (stack_experts,)),
+    "qwen3_next": (qwen3_next_config, QWEN3_NEXT_KEYS, (merge_deltanet_in_proj, stack_experts)),
+    "bert": (bert_config, BERT_KEYS, (masked_lm_heads,)),
+    "albert": (albert_config, ALBERT_KEYS, (masked_lm_heads,)),
+    "deberta-v2": (deberta_config, DEBERTA_KEYS, ()),
+    "bart": (bart_config, BART_KEYS, (flatten_logits_bias,)),
+    "marian": (marian_config, MARIAN_KEYS, (flatten_logits_bias,)),
+    "t5": (t5_config, T5_KEYS, ()),
+}
+IGNORED = ("attn.bias", "attn.masked_bias", "mtp.", "vision_tower.", "multi_modal_projector.",
+           "embed_positions", "rotary_emb.inv_freq")  # buffers, sinusoids, parts we do not run
+PREFIXES = {"transformer.": "",                        # GPT-2 hub files may omit this prefix
+            "model.language_model.": "model."}          # multimodal Gemma 3: the text model
+
+# ----------------------------------------------------------------------------------------------
+# 4. Reading the files
+
+
+def read_json(path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (ValueError, OSError) as e:   # JSONDecodeError, UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path} is not valid JSON ({e}); re-download or re-save it") from None
+
+
+def weight_files(hf_dir: Path) -> list:
+    """The safetensors files: the shards a model.safetensors.index.json lists, else every one."""
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no weight_map (tensor name -> shard file)")
+        for name, file in weight_map.items():
+            if not (hf_dir / file).is_file():
+                raise ValueError(f"{index} puts tensor {name!r} in {file}, which is missing from "
+                                 f"{hf_dir}; download every shard")
+        return sorted({hf_dir / file for file in weight_map.values()})
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{hf_dir} has no *.safetensors weights; save the HF model with "
+                         f"save_pretrained()")
+    return files
+
+
+def damage(path: Path) -> str:
+    """Where a .safetensors file that does not load breaks: its header (an 8-byte length, then
+    JSON), or the first tensor whose bytes run past the end of the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(n)) if 8 + n <= size else None
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        return "its header is cut short or is not valid JSON"
+    spans = sorted((v["data_offsets"][1], k) for k, v in header.items() if k != "__metadata__")
+    first = next((k for end, k in spans if 8 + n + end > size), None)
+    return f"tensor {first!r} runs past the end of the file" if first else "its data is invalid"
+
+
+def read_weights(hf_dir: Path, keys: dict):
+    """Every tensor of the weight files renamed to ours, and where each came from ("file: name")."""
+    from safetensors.torch import load_file  # lazy: only needed for HF directories
+    sd, source, unknown = {}, {}, []
+    for path in weight_files(hf_dir):
+        try:
+            tensors = load_file(str(path))
+        except Exception:  # SafetensorError, OSError: a file cut short or overwritten
+            raise ValueError(f"{path} is truncated or corrupt ({damage(path)}); re-download or "
+                             f"re-save it") from None
+        for name, t in tensors.items():
+            for prefix, replacement in PREFIXES.items():
+                name = replacement + name[len(prefix):] if name.startswith(prefix) else name
+            ours = rename(name, keys)
+            if ours is not None:
+                sd[ours], source[ours] = t, f"{path}: {name}"
+            elif not any(part in name for part in IGNORED):
+                unknown.append(name)
+    if unknown:  # an unmapped weight is an option we do not implement: refuse rather than be wrong
+        raise ValueError(f"{hf_dir} holds weights the import does not know ({unknown[:3]}); the "
+                         f"checkpoint uses an option anyformer does not implement")
+    return sd, source
+
+
+def rename(name, keys):
+    """One HF weight name -> ours through a key table, or None. Every number is a {} first; failing
+    that only the first one (the layer), as T5's literal layer.0/1/2 need."""
+    parts = name.split(".")
+    numbers = [p for p in parts if p.isdigit()]
+    every = ".".join("{}" if p.isdigit() else p for p in parts)
+    first = name
+    if numbers:
+        i = parts.index(numbers[0])
+        first = ".".join(parts[:i] + ["{}"] + parts[i + 1:])
+    for template, args in ((every, numbers), (first, numbers[:1])):
+        if template in keys:
+            return keys[template].format(*args)
+    return None
+
+
+def check_shapes(sd, source, model, hf_dir):
+    """Each weight must have the shape the config gives its parameter; name the first that does
+    not by its file and HF name (a reshaped one, renamed on the way, by the nearest renamed one)."""
+    want = model.state_dict()
+    for name, t in sd.items():
+        if name in want and t.shape != want[name].shape:
+            near = max(source, key=lambda s: len(os.path.commonprefix([s, name])))
+            raise ValueError(f"{source.get(name, source[near])} does not fit "
+                             f"{hf_dir / 'config.json'}: as our {name} it is {tuple(t.shape)}, "
+                             f"the config makes it {tuple(want[name].shape)}; the weights and "
+                             f"config.json disagree")
+
+
+def tie_shared(sd, model):
+    """Fill every name of a shared parameter from the one the file holds: a tied head, an
+    encoder-decoder's one embedding."""
+    shared = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(name)
+    for names in shared.values():
+        src = next((n for n in names if n in sd), None)
+        for n in names if src else ():
+            sd.setdefault(n, sd[src])
+
+
+def from_pretrained(hf_dir):
+    """Build a Transformer from a HF-format directory (config.json + safetensors) of a family in
+    FAMILIES; the model is returned in eval mode."""
+    hf_dir = Path(hf_dir)
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{hf_dir} has no config.json; pass a directory written by "
+                         f"save_pretrained()")
+    hf = read_json(path)
+    hf = {**hf, **hf.get("text_config", {})}
+    family = hf.get("model_type")
+    family = "gemma3_text" if family == "gemma3" else family  # multimodal: read the text model
+    if family not in FAMILIES:
+        raise ValueError(f"HF model_type {family!r} is not supported; supported: "
+                         f"{sorted(FAMILIES)}")
+    make_config, keys, reshapes = FAMILIES[family]
+    try:
+        raw = make_config(hf)
+    except KeyError as e:
+        raise ValueError(f"{path} lacks {e.args[0]!r}, which a {family} config needs") from None
+    sd, source = read_weights(hf_dir, keys)
+    try:
+        for reshape in reshapes:
+            reshape(sd, raw)
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise ValueError(f"{hf_dir}: the weights do not fit {path} ({e})") from None
+    # HF ties the head to the embedding unless the file holds a different lm_head.weight
+    head_key = next((k for k in sd if k.endswith("lm_head.weight")), None)
+    head = sd.pop(head_key) if head_key else None
+    embed = next((v for k, v in sd.items() if k.endswith("wte.weight")), None)
+    untie = head is not None and embed is not None and not torch.equal(head, embed)
+    try:
+        model = Transformer(Config.from_dict({**raw, "tie_embeddings": not untie}))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    if untie:
+        sd[head_key] = head
+    tie_shared(sd, model)
+    check_shapes(sd, source, model, hf_dir)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{hf_dir}: weights do not match the {family} layout "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval()
