@@ -280,14 +280,16 @@ def parse_config(argv):
             raise ValueError(f"{ckpt_path} holds weights only, so it cannot resume a run (as "
                              f"ckpt_best.pt and exports); pass the out_dir of a ckpt.pt that "
                              f"train.py wrote, or drop --resume")
-        train = {**ckpt["train_config"], **train}
         differ = {k: (ckpt["config"].get(k), v) for k, v in model_keys.items()
                   if k not in RESUMABLE and Config.from_dict({**ckpt["config"], k: v})
                   != Config.from_dict(ckpt["config"])}
+        if "optimizer" in train and train["optimizer"] != ckpt["train_config"]["optimizer"]:
+            differ["optimizer"] = (ckpt["train_config"]["optimizer"], train["optimizer"])
         if differ:
             what = ", ".join(f"{k}={old!r} (this run: {new!r})" for k, (old, new) in differ.items())
             raise ValueError(f"cannot resume {ckpt_path}: it was trained with {what}; pass the "
-                             f"same model config or a new --out_dir")
+                             f"same model config and optimizer, or a new --out_dir")
+        train = {**ckpt["train_config"], **train}
         if train.get("max_iters", TrainConfig.max_iters) < ckpt["iter"]:
             raise ValueError(f"cannot resume {ckpt_path} at iter {ckpt['iter']} with "
                              f"max_iters={train['max_iters']}; pass --max_iters={ckpt['iter']} "
@@ -313,7 +315,8 @@ def get_lr(it, tc: TrainConfig):
 
 def check_run(tc: TrainConfig, arch: Config, objective: str, pair_task: str):
     """What needs the model config too, checked before anything is written: out_dir, and whether
-    the objective, the data and segments fit the model (the vocabulary waits for the data)."""
+    the objective, the data and segments fit the model (the vocabulary waits for the data).
+    Returns the checkpoints already in out_dir."""
     out_dir = Path(tc.out_dir)
     parent = next(p for p in (out_dir, *out_dir.parents) if p.exists())
     if not parent.is_dir():
@@ -345,6 +348,7 @@ def check_run(tc: TrainConfig, arch: Config, objective: str, pair_task: str):
         raise ValueError(f"segments={K} runs positions up to {K * T - 1}, past the {arch.position} "
                          f"position table of block_size={T}; use position: rope or dynamic_bias, "
                          f"or segments=1")
+    return found
 
 
 class Env(NamedTuple):
@@ -400,6 +404,23 @@ def data_dir_name(data, tokenizer):
     return safe if safe == name else f"{safe}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
 
 
+def read_meta(data_dir):
+    """meta.json of a prepared data directory, with its .bin files there: a one-line ValueError
+    naming the file otherwise."""
+    path, fix = data_dir / "meta.json", "prepare the data again (data/prepare.py)"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not readable JSON ({type(e).__name__}: {e}); {fix}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("tokenizer"), dict) \
+            or meta.get("dtype") not in ("uint16", "uint32"):
+        raise ValueError(f"{path} lacks a tokenizer entry or a uint16/uint32 dtype; {fix}")
+    for name in ("train.bin", "val.bin"):
+        if not (data_dir / name).is_file():
+            raise ValueError(f"{data_dir} has meta.json but no {name}; {fix}")
+    return meta
+
+
 def load_data(tc: TrainConfig, arch: Config, objective: str, ckpt, env: Env):
     """(tokenizer, {"train": ..., "val": ...}): the corpus tokenised once into out_dir/data by
     rank 0, then mapped by every rank, or the source/target pairs of a .tsv file for seq2seq.
@@ -413,7 +434,7 @@ def load_data(tc: TrainConfig, arch: Config, objective: str, ckpt, env: Env):
             prepare(tc.data, data_dir, tc.tokenizer, tc.bpe_vocab_size)
         if env.distributed:
             dist.barrier()
-    meta = json.loads((data_dir / "meta.json").read_text())
+    meta = read_meta(data_dir)
     tok = get_tokenizer(meta["tokenizer"])
     if ckpt is not None and ckpt["tokenizer"] != tok.meta:
         raise ValueError(f"cannot resume {Path(tc.out_dir) / 'ckpt.pt'}: its tokenizer "
@@ -479,7 +500,10 @@ def make_optimizers(model, tc: TrainConfig, env: Env):
 
 def load_state(ckpt, model, optimizers, scaler, data_gen, tc: TrainConfig, env: Env):
     """Continue where ckpt stopped: optimizer and scaler state, the data position and every rank's
-    RNG; returns (iter, best val loss, tokens seen)."""
+    RNG; returns (iter, best val loss, tokens seen). The optimizers keep this run's hyperparameters
+    (betas, weight decay): loading a state dict would bring back the checkpoint's."""
+    hyper = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+             for opt in optimizers]
     if tc.fsdp:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -492,6 +516,9 @@ def load_state(ckpt, model, optimizers, scaler, data_gen, tc: TrainConfig, env: 
     else:
         for opt, sd in zip(optimizers, ckpt["optimizer"]):
             opt.load_state_dict(sd)
+    for opt, groups in zip(optimizers, hyper):
+        for group, h in zip(opt.param_groups, groups):
+            group.update(h)
     if ckpt["scaler"]:  # empty when saved by a disabled (non-fp16) scaler
         scaler.load_state_dict(ckpt["scaler"])
     data_gen.set_state(ckpt["rng"]["data"])
@@ -685,8 +712,10 @@ def sample_text(model, tok, splits, objective, tc: TrainConfig, env: Env, max_to
     if objective == "lm":
         try:
             prompt = tok.encode(tc.sample_prompt) or splits["val"][:1].tolist()
-        except ValueError:  # e.g. a char vocabulary without "\n": start from the first val token
-            prompt = splits["val"][:1].tolist()
+        except ValueError as e:  # the default "\n" may be missing from a char vocabulary
+            if tc.sample_prompt != TrainConfig.sample_prompt:
+                raise ValueError(f"sample_prompt={tc.sample_prompt!r}: {e}") from None
+            prompt = splits["val"][:1].tolist()  # then start from the first val token
         T = model.config.block_size
         prompt = prompt[-(T // 2):]
         n = tc.sample_tokens if max_tokens is None else max_tokens
@@ -696,7 +725,8 @@ def sample_text(model, tok, splits, objective, tc: TrainConfig, env: Env, max_to
         with env.autocast():
             ids = model.generate(torch.tensor([prompt], device=env.device), n,
                                  temperature=tc.sample_temperature, generator=gen)
-        text = tok.decode(ids[0].tolist())
+        # an untrained model draws the padding ids of a vocab_size set larger than the tokenizer's
+        text = tok.decode([i for i in ids[0].tolist() if i < tok.vocab_size])
     else:
         gen = torch.Generator().manual_seed(tc.seed)  # on the CPU, as the batch makers draw there
         with env.autocast():
@@ -727,8 +757,10 @@ def main(argv=None):
     tc, model_keys, ckpt = parse_config(sys.argv[1:] if argv is None else argv)
     try:
         result = train(tc, model_keys, ckpt)
-        if dist.is_initialized():  # let collectives still in flight (FSDP's prefetches) finish:
-            dist.barrier()         # gloo aborts the process if the group is destroyed under them
+        # gloo aborts the process if the group is destroyed under collectives still in flight
+        # (FSDP's prefetches): wait for them
+        if dist.is_initialized():
+            dist.barrier()
         return result
     finally:  # every exit, errors included, leaves the process group
         if dist.is_initialized():
@@ -743,9 +775,8 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
     objective = default_objective(arch, tc.data) if tc.objective == "auto" else tc.objective
     pair_task = tc.pair_task if tc.pair_task != "auto" else \
         "nsp" if objective == "mlm" and arch.cls_head else "none"
-    check_run(tc, arch, objective, pair_task)
+    kept = check_run(tc, arch, objective, pair_task)  # checkpoints in out_dir: resumed or replaced
     out_dir = Path(tc.out_dir)
-    kept = [name for name in CHECKPOINTS if (out_dir / name).exists()]  # resumed or overwritten
 
     # ------------------------------------------------------------------------------------------
     # 2. Device, precision and distributed init
@@ -770,9 +801,9 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
         task = objective + (f" + {pair_task}" if pair_task != "none" else "")
         unit = "pairs" if objective == "seq2seq" else "tokens"
         print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, {cfg.architecture}, objective "
-              f"{task}; {tc.tokenizer} tokenizer, vocab {tok.vocab_size}; {len(splits['train']):,} "
-              f"train / {len(splits['val']):,} val {unit}; {env.device} {env.dtype}, "
-              f"world {env.world}")
+              f"{task}; {tok.meta.get('name', tok.meta['kind'])} tokenizer, vocab "
+              f"{tok.vocab_size}; {len(splits['train']):,} train / {len(splits['val']):,} val "
+              f"{unit}; {env.device} {env.dtype}, world {env.world}")
     # the end-of-run sample, rehearsed with one token: what it would refuse is refused now
     no_sample = cannot_sample(raw_model, objective)
     if no_sample is None:
@@ -795,10 +826,12 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
     # 6. Compile and wrap: DDP all-reduces gradients; FSDP2 already wrapped the model in section 4
     if tc.compile:
         model = torch.compile(model)
-    if env.distributed and not tc.fsdp:  # parameters a step's last backward does not reach: a cls
-        unused = cfg.cls_head and pair_task == "none" or tc.segments > 1  # head without its task,
-        model = DDP(model, device_ids=[int(env.device.split(":")[1])]  # init_states after segment 1
-                    if env.device_type == "cuda" else None, find_unused_parameters=unused)
+    if env.distributed and not tc.fsdp:
+        # parameters a step's last backward does not reach: a cls head trained without its pair
+        # task, and with segments the initial states (only segment 1 reads them)
+        unused = cfg.cls_head and pair_task == "none" or tc.segments > 1
+        gpu = [int(env.device.split(":")[1])] if env.device_type == "cuda" else None
+        model = DDP(model, device_ids=gpu, find_unused_parameters=unused)
 
     # ------------------------------------------------------------------------------------------
     # 7. Training loop
@@ -882,8 +915,9 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
     # 8. Export, then sample (every rank: FSDP shards need all of them; rank 0 prints)
     if tc.export != "none":
         export(out_dir / f"model_{tc.export}.pt", raw_model, DTYPES[tc.export], meta, tc, env)
-    if tc.fsdp and cfg.architecture == "encoder_decoder":  # its generate() encodes outside
-        raw_model.unshard()                                   # forward(), where FSDP would gather
+    # an encoder-decoder's generate() encodes outside forward(), where FSDP would not gather
+    if tc.fsdp and cfg.architecture == "encoder_decoder":
+        raw_model.unshard()
     sample = None if no_sample else sample_text(raw_model, tok, splits, objective, tc, env)
     if env.master:
         print(f"val loss {val_loss:.4f}; " + (f"no sample: {no_sample}" if no_sample

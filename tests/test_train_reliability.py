@@ -61,6 +61,14 @@ def bad(tmp_path_factory, text, good):
     val = load_tokens(d / "ids" / "val.bin", "uint16").clone()
     val[7] = 300
     (d / "ids" / "val.bin").write_bytes(val.numpy().tobytes())
+    broken = [("bad_json", "{bad", None), ("no_tokenizer", '{"dtype": "uint16"}', None),
+              ("no_bin", None, "train.bin")]                          # prepared dirs, then broken
+    for name, meta, gone in broken:
+        prepare(text, d / name, "char")
+        if meta:
+            (d / name / "meta.json").write_text(meta)
+        if gone:
+            (d / name / gone).unlink()
     return d
 
 
@@ -117,8 +125,17 @@ BAD = [
       "ckpt.pt that train.py wrote"]),
     (["--resume", "--out_dir={bad}/corrupt"], ["{bad}/corrupt/ckpt.pt is truncated or corrupt"]),
     (["--data={bad}/ids"], ["{bad}/ids/val.bin holds token id 300", "256 ids", "prepare"]),
+    (["--data={bad}/bad_json"], ["{bad}/bad_json/meta.json is not readable JSON",
+                                 "prepare the data again"]),
+    (["--data={bad}/no_tokenizer"], ["{bad}/no_tokenizer/meta.json lacks a tokenizer entry",
+                                     "prepare the data again"]),
+    (["--data={bad}/no_bin"], ["{bad}/no_bin has meta.json but no train.bin",
+                               "prepare the data again"]),
     (["--resume", "--out_dir={good}", "--n_layer=2", "--max_iters=8"],
      ["cannot resume {good}/ckpt.pt: it was trained with n_layer=1 (this run: 2)"]),
+    (["--resume", "--out_dir={good}", "--optimizer=muon", "--max_iters=8"],
+     ["cannot resume {good}/ckpt.pt: it was trained with optimizer='adamw' (this run: 'muon')",
+      "a new --out_dir"]),
 ]
 
 
@@ -153,6 +170,38 @@ def test_cli_prints_one_line_and_no_traceback(tmp_path, text, good, bad, args, s
     assert p.stderr.startswith(start.format(bad=bad, good=good)), p.stderr
 
 
+def test_the_sample_is_rehearsed_before_the_first_step(tmp_path, text):
+    """A sample prompt the tokenizer cannot encode ends the run before its first checkpoint (not
+    after training); the default prompt falls back to the first val token instead."""
+    with pytest.raises(ValueError) as e:
+        run(tmp_path, text, "--sample_prompt=crème", "--max_iters=2")
+    msg = str(e.value)
+    assert msg.startswith("sample_prompt='crème': character 'è' (U+00E8) is not in this char "
+                          "vocabulary") and "\n" not in msg, msg
+    assert not any((tmp_path / name).exists() for name in (*KEPT, "metrics.jsonl"))
+
+
+def test_a_vocabulary_larger_than_the_tokenizer_samples(tmp_path, text):
+    """vocab_size 64 over a 17-character tokenizer: the untrained model draws ids past the
+    tokenizer's, which the sample leaves out instead of failing at the end of training."""
+    result, _ = run(tmp_path, text, "--vocab_size=64", "--max_iters=2", "--eval_interval=2",
+                    "--sample_tokens=12")
+    assert result["model"].config.vocab_size == 64
+    chars = set(text.read_text())
+    assert isinstance(result["sample"], str) and set(result["sample"]) <= chars
+
+
+def test_a_resumed_run_steps_with_its_own_betas_and_weight_decay(tmp_path, text):
+    """Loading the optimizer's state would bring back the checkpoint's betas and weight decay
+    with it; the resumed run steps with (and saves) the values it was given."""
+    run(tmp_path, text, "--max_iters=2", "--eval_interval=2")
+    run(tmp_path, text, "--max_iters=4", "--eval_interval=2", "--resume", "--beta2=0.5",
+        "--weight_decay=0.01")
+    groups = load_checkpoint(tmp_path / "ckpt.pt")["optimizer"][0]["param_groups"]
+    assert [(tuple(g["betas"]), g["weight_decay"]) for g in groups] == [((0.9, 0.5), 0.01),
+                                                                       ((0.9, 0.5), 0.0)]
+
+
 # ----------------------------------------------------------------------------------------------
 # nothing lost: a failing run leaves out_dir's checkpoints as they were
 
@@ -172,6 +221,7 @@ FAILING = [
     ["--overwrite", "--tokenizer=no_such_encoding"],
     ["--overwrite", "--data={bad}/ids"],
     ["--resume", "--max_iters=10", "--n_layer=2"],
+    ["--resume", "--max_iters=10", "--optimizer=muon"],
     ["--resume", "--max_iters=2"],
 ]
 
