@@ -113,7 +113,10 @@ class TrainConfig:
     peak_tflops: float | None = None  # accelerator peak for MFU; None -> PEAK_TFLOPS by GPU name
 
     def __post_init__(self):
-        """Every value's range, and what this machine can run: one line naming the key and fix."""
+        """Every value's type and range, and what this machine can run: one line naming the key
+        and the fix."""
+        for f in dataclasses.fields(self):  # int -> float where a float is due, as YAML gives 3
+            setattr(self, f.name, check_type(f.name, getattr(self, f.name), f.type))
         check_choice("optimizer", self.optimizer, ("adamw", "muon"))
         check_choice("dtype", self.dtype, ("auto", *DTYPES))
         check_choice("export", self.export, ("none", "fp16", "bf16"))
@@ -227,10 +230,11 @@ def parse_config(argv):
     fields = {**model_fields, **train_fields}
     files = [a for a in argv if not a.startswith("--")]
     if len(files) > 1 or any(not f.endswith((".yaml", ".yml")) for f in files):
-        raise ValueError(f"expected at most one YAML config file, then --key=value overrides; "
-                         f"got {files}")
+        raise ValueError(f"expected at most one YAML config file, then --key=value overrides "
+                         f"(with '='); got {files}")
     cli = dict(a[2:].partition("=")[::2] if "=" in a else (a[2:], "true")
                for a in argv if a.startswith("--"))
+    bare = {a[2:] for a in argv if a.startswith("--") and "=" not in a}  # --flag: true
     resume = str(cli.get("resume", "false")).lower() in ("true", "1", "yes")
     path = files[0] if files else None if resume else DEFAULT_MODEL
     raw = read_yaml(path) if path is not None else {}
@@ -254,6 +258,9 @@ def parse_config(argv):
             raise ValueError(f"unknown config key {key!r}{hint} (keys: TrainConfig in train.py, "
                              f"Config in model.py)")
         allowed = get_args(fields[key]) or (fields[key],)
+        if key in bare and bool not in allowed:
+            raise ValueError(f"--{key} needs a value: --{key}=... (only true/false keys may be "
+                             f"given bare)")
         if key in cli and type(None) in allowed and value.lower() in ("null", "none"):
             value = None
         elif key in cli and str not in allowed:  # a YAML scalar or list, unless a string field
@@ -631,10 +638,11 @@ def full_state(model, optimizers, tc: TrainConfig):
 
 
 def save_checkpoints(out_dir, model, optimizers, scaler, data_gen, progress, improved, meta,
-                     tc: TrainConfig, env: Env):
+                     replaced, tc: TrainConfig, env: Env):
     """ckpt.pt (everything to resume: progress, RNG of every rank, data position) and, when the
-    val loss improved, ckpt_best.pt (weights for generate.py). Every rank takes part, rank 0
-    writes; save_checkpoint writes a temp file and renames it."""
+    val loss improved, ckpt_best.pt (weights for generate.py); then the files of a run this one
+    replaces (--overwrite) that it will not rewrite go. Every rank takes part, rank 0 writes;
+    save_checkpoint writes a temp file and renames it."""
     torch_rng = [torch.get_rng_state()]
     cuda_rng = [torch.cuda.get_rng_state()] if env.device_type == "cuda" else []
     if env.distributed:  # every rank's RNG, so that dropout resumes exactly on each
@@ -650,6 +658,8 @@ def save_checkpoints(out_dir, model, optimizers, scaler, data_gen, progress, imp
         if improved:
             save_checkpoint(out_dir / "ckpt_best.pt", state, iter=progress["iter"],
                             val_loss=progress["best_val_loss"], **meta)
+        for name in replaced:
+            (out_dir / name).unlink(missing_ok=True)
 
 
 def report_eval(metrics, it, losses, bits, improved, env: Env):
@@ -846,6 +856,7 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
     gpu = torch.cuda.get_device_name() if env.device_type == "cuda" else ""  # PaLM, appendix B
     peak = tc.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
     start = iter_num
+    replaced = [name for name in kept if name.startswith("model_")] if ckpt is None else []
     last_good = f"{out_dir / 'ckpt.pt'} (iter {start}) is the last good checkpoint" if ckpt \
         else f"{', '.join(kept)} in {out_dir} are as they were" if kept \
         else "no checkpoint was written"
@@ -869,7 +880,7 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
             if saving:
                 progress = {"iter": iter_num, "best_val_loss": best_val, "tokens": tokens_seen}
                 save_checkpoints(out_dir, raw_model, optimizers, scaler, data_gen, progress,
-                                 improved, meta, tc, env)
+                                 improved, meta, replaced, tc, env)
                 metrics.flush()
                 last_good = f"{out_dir / 'ckpt.pt'} (iter {iter_num}) is the last good checkpoint"
             t_log, iters_logged = time.time(), 0  # evaluation time is not training throughput

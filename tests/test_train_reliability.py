@@ -31,14 +31,14 @@ from model import Config, Transformer, load_checkpoint, save_checkpoint
 
 text = test_train.text                # the same fixture: ~25 KB of words (a module-scoped copy)
 
-KEPT = ("ckpt.pt", "ckpt_best.pt")
+KEPT = ("ckpt.pt", "ckpt_best.pt", "model_bf16.pt")
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory, text):
-    """A finished 4-step run: ckpt.pt at iter 4, ckpt_best.pt, metrics.jsonl."""
+    """A finished 4-step run: ckpt.pt at iter 4, ckpt_best.pt, model_bf16.pt, metrics.jsonl."""
     out = tmp_path_factory.mktemp("good")
-    run(out, text, "--max_iters=4", "--eval_interval=2")
+    run(out, text, "--max_iters=4", "--eval_interval=2", "--export=bf16")
     assert all((out / name).is_file() for name in KEPT)
     return out
 
@@ -100,6 +100,8 @@ BAD = [
     (["--seed=-1"], ["seed=-1 must be in [0, 2**63)"]),
     (["--out_dir="], ["out_dir='' must name a directory"]),
     (["--data="], ["data='' must name"]),
+    (["--out_dir"], ["--out_dir needs a value: --out_dir=..."]),
+    (["--max_iters", "100"], ["expected at most one YAML config file", "(with '='); got ['100']"]),
     (["--dtype=fp8"], ["dtype='fp8' is not one of"]),
     (["--export=fp8"], ["export='fp8' is not one of ['bf16', 'fp16', 'none']"]),
     (["--optimizer=sgd"], ["optimizer='sgd' is not one of ['adamw', 'muon']"]),
@@ -118,7 +120,8 @@ BAD = [
     (["{bad}/dir.yaml"], ["config file {bad}/dir.yaml is a directory"]),
     (["--out_dir={bad}/a_file/run"], ["out_dir='{bad}/a_file/run' is inside {bad}/a_file, a file",
                                       "pass another --out_dir"]),
-    (["--out_dir={good}"], ["out_dir='{good}' holds ckpt.pt, ckpt_best.pt from another run",
+    (["--out_dir={good}"], ["out_dir='{good}' holds ckpt.pt, ckpt_best.pt, model_bf16.pt from "
+                            "another run",
                             "--resume", "another --out_dir", "--overwrite=true"]),
     (["--resume", "--out_dir={bad}/weights_only"],
      ["{bad}/weights_only/ckpt.pt holds weights only", "cannot resume",
@@ -154,10 +157,25 @@ def test_bad_input_is_one_line_naming_the_key_and_the_fix(tmp_path, text, good, 
     assert not (tmp_path / "out").exists()                            # refused before any writing
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"lr": "fast"}, "config key lr='fast' must be float"),
+    ({"batch_size": 2.5}, "config key batch_size=2.5 must be int"),
+    ({"resume": 1}, "config key resume=1 must be bool"),
+    ({"lr_decay_iters": "10"}, "config key lr_decay_iters='10' must be int or null"),
+])
+def test_train_config_checks_types_too(kwargs, message):
+    """TrainConfig is Python API too: a wrong type is the same one line as on the command line
+    (and an int where a float is due becomes the float)."""
+    with pytest.raises(ValueError) as e:
+        train.TrainConfig(**kwargs)
+    assert str(e.value) == message
+    assert train.TrainConfig(lr=3).lr == 3.0 and isinstance(train.TrainConfig(lr=3).lr, float)
+
+
 @pytest.mark.parametrize("args, start", [
     (["--device=gpu"], "error: device='gpu' is not auto, cpu, cuda"),
     (["{bad}/tab.yaml"], "error: config file {bad}/tab.yaml is not valid YAML at line 2"),
-    (["--out_dir={good}"], "error: out_dir='{good}' holds ckpt.pt, ckpt_best.pt from another run"),
+    (["--out_dir={good}"], "error: out_dir='{good}' holds ckpt.pt, ckpt_best.pt, model_bf16.pt"),
     (["--lr=1e12", "--warmup_iters=0", "--max_iters=3"], "error: training loss is nan at iter 1"),
 ], ids=["device", "yaml", "fresh_run_into_a_run", "nan"])
 def test_cli_prints_one_line_and_no_traceback(tmp_path, text, good, bad, args, start):
@@ -241,12 +259,15 @@ def test_a_failing_run_leaves_the_checkpoints_as_they_were(good, bad, text, args
 
 def test_overwrite_replaces_the_run_once_it_has_stepped(tmp_path, text, capsys):
     """--overwrite=true: the old files stay until this run's first checkpoint after a step; then
-    ckpt.pt, ckpt_best.pt and metrics.jsonl are this run's alone."""
-    run(tmp_path, text, "--max_iters=4", "--eval_interval=2")
+    ckpt.pt, ckpt_best.pt and metrics.jsonl are this run's alone, and the old run's export (which
+    this run does not rewrite) is gone rather than left beside them."""
+    run(tmp_path, text, "--max_iters=4", "--eval_interval=2", "--export=fp16")
+    assert (tmp_path / "model_fp16.pt").is_file()
     result, metrics = run(tmp_path, text, "--max_iters=3", "--eval_interval=2", "--overwrite",
                           "--seed=7")
+    assert not (tmp_path / "model_fp16.pt").exists()
     assert [m["iter"] for m in metrics if "val_loss" in m] == [0, 2, 3]   # the old run's are gone
-    ckpt, best = (load_checkpoint(tmp_path / name) for name in KEPT)
+    ckpt, best = (load_checkpoint(tmp_path / name) for name in ("ckpt.pt", "ckpt_best.pt"))
     val = {m["iter"]: m["val_loss"] for m in metrics if "val_loss" in m}
     assert ckpt["iter"] == 3 and ckpt["train_config"]["seed"] == 7
     assert best["iter"] in (2, 3) and best["val_loss"] == min(val[2], val[3])  # iter 0: not saved
