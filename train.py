@@ -840,8 +840,8 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
         # parameters a step's last backward does not reach: a cls head trained without its pair
         # task, and with segments the initial states (only segment 1 reads them)
         unused = cfg.cls_head and pair_task == "none" or tc.segments > 1
-        gpu = [int(env.device.split(":")[1])] if env.device_type == "cuda" else None
-        model = DDP(model, device_ids=gpu, find_unused_parameters=unused)
+        ids = [int(env.device.split(":")[1])] if env.device_type == "cuda" else None
+        model = DDP(model, device_ids=ids, find_unused_parameters=unused)
 
     # ------------------------------------------------------------------------------------------
     # 7. Training loop
@@ -852,21 +852,20 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
     meta = {"tokenizer": tok.meta, "objective": objective, "pair_task": pair_task}
     bits = tok.meta["kind"] == "byte" and objective == "lm"  # a loss per byte: also bits per byte
     tokens_per_iter = tc.batch_size * tc.grad_accum * env.world * K * T
+    # MFU: 6N + 12 L H hs T FLOPs per token (PaLM, appendix B) against the accelerator's peak
     flops_per_token = 6 * raw_model.get_num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.hs * T
-    gpu = torch.cuda.get_device_name() if env.device_type == "cuda" else ""  # PaLM, appendix B
-    peak = tc.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
+    gpu_name = torch.cuda.get_device_name() if env.device_type == "cuda" else ""
+    peak = tc.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in gpu_name), None)
     start = iter_num
     replaced = [name for name in kept if name.startswith("model_")] if ckpt is None else []
     last_good = f"{out_dir / 'ckpt.pt'} (iter {start}) is the last good checkpoint" if ckpt \
-        else f"{', '.join(kept)} in {out_dir} are as they were" if kept \
-        else "no checkpoint was written"
+        else f"{out_dir} holds {', '.join(kept) or 'no checkpoint'}, as before this run"
     val_loss, t_log, iters_logged = None, time.time(), 0
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics(out_dir / "metrics.jsonl" if env.master else None, append=tc.resume)
     while True:
-        # evaluate; write checkpoints only when they hold progress over those in out_dir: after
-        # this run's first step, or into an out_dir without any (--overwrite keeps the old run's
-        # until then, and a resumed run's first evaluation is the checkpoint it resumed)
+        # evaluate; save only checkpoints that hold progress over out_dir's: after this run's
+        # first step, or into an out_dir without any (--resume, --overwrite: nothing replaced yet)
         if iter_num % tc.eval_interval == 0 or iter_num == tc.max_iters:
             losses = estimate_loss(model, batches, tc, env)
             for split, value in losses.items():
@@ -889,9 +888,8 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
 
         # one optimizer step over grad_accum micro-batches
         lr = get_lr(iter_num, tc)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = lr
+        for group in (g for opt in optimizers for g in opt.param_groups):
+            group["lr"] = lr
         loss = forward_backward(model, batches("train", data_gen, tc.grad_accum), tc, env, scaler)
         lossf = loss.item()  # one sync per step: the price of never stepping on a NaN
         check_finite("training loss", lossf, iter_num, lr, last_good)

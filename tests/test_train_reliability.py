@@ -157,6 +157,17 @@ def test_bad_input_is_one_line_naming_the_key_and_the_fix(tmp_path, text, good, 
     assert not (tmp_path / "out").exists()                            # refused before any writing
 
 
+def test_an_unwritable_out_dir_is_one_line(tmp_path, text, monkeypatch):
+    """(The tests run as root, which may write anywhere: os.access stands in for the permission.)"""
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path and real_access(p, mode))
+    with pytest.raises(ValueError) as e:
+        train.main([f"--data={text}", f"--out_dir={tmp_path / 'run'}", *TINY])
+    assert str(e.value) == (f"out_dir='{tmp_path / 'run'}' cannot be written ({tmp_path}: "
+                            f"permission denied); pass another --out_dir")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"lr": "fast"}, "config key lr='fast' must be float"),
     ({"batch_size": 2.5}, "config key batch_size=2.5 must be int"),
@@ -255,6 +266,19 @@ def test_a_failing_run_leaves_the_checkpoints_as_they_were(good, bad, text, args
     for name in KEPT:
         assert (good / name).read_bytes() == before[name], name
     assert (good / "metrics.jsonl").read_text().startswith(log)      # appended to, never cut
+
+
+@pytest.mark.parametrize("args, last_good", [
+    (["--overwrite"], "training loss is nan at iter 1 (lr 1e+12); stopped; {good} holds ckpt.pt, "
+                      "ckpt_best.pt, model_bf16.pt, as before this run; lower --lr"),
+    (["--resume", "--max_iters=10"], "training loss is nan at iter 5 (lr 5e+11); stopped; "
+                                     "{good}/ckpt.pt (iter 4) is the last good checkpoint"),
+], ids=["overwrite", "resume"])
+def test_a_nan_names_the_checkpoints_left_as_they_were(good, text, args, last_good):
+    with pytest.raises(FloatingPointError) as e:
+        train.main([f"--data={text}", f"--out_dir={good}", *TINY, "--eval_interval=2",
+                    "--lr=1e12", "--warmup_iters=0", *args])
+    assert str(e.value).startswith(last_good.format(good=good)), str(e.value)
 
 
 def test_overwrite_replaces_the_run_once_it_has_stepped(tmp_path, text, capsys):
