@@ -1,29 +1,31 @@
-"""train.py on CPU: the shakespeare_char run against nanoGPT's recipe, and what gradient checkpointing costs and saves.
+"""train.py on CPU: the shakespeare_char run against nanoGPT's recipe, and what gradient
+checkpointing costs and saves.
 
-    python tests/bench/bench_train.py shakespeare path/to/tinyshakespeare.txt [--threads 2] [--quick]
-    python tests/bench/bench_train.py shakespeare path/to/tinyshakespeare.txt --together --threads 1  # busy machine
+    python tests/bench/bench_train.py shakespeare tinyshakespeare.txt [--threads 2] [--quick]
+    python tests/bench/bench_train.py shakespeare tinyshakespeare.txt --together --threads 1  # busy
     python tests/bench/bench_train.py checkpointing [--threads 2] [--quick]
 
-shakespeare    runs train.py twice on the text, one run after the other (or with --together both at once),
-               each in its own process:
-               - "nanoGPT recipe": nanoGPT's shakespeare_char CPU run as its README gives it (4 layers,
-                 4 heads, width 128, block 64, batch 12, 2000 iterations, dropout 0) with its architecture
-                 (LayerNorm without bias, learned positions, GELU MLP, no biases, tied head) and its
-                 hyperparameters (lr 1e-3 -> 1e-4, warmup 100, beta2 0.99, weight decay 0.1, clip 1.0);
-                 nanoGPT itself reports val loss 1.886 there;
-               - configs/shakespeare_char.yaml: the same budget with RMSNorm, RoPE, SwiGLU, one KV head and
-                 tuned AdamW.
-               Both go through the same train.py loop, so ms/iter compares the models, not two codebases.
-               (nanoGPT's own code steps about 5% slower than its recipe here: it runs AdamW's per-tensor
-               loop on CPU where train.py uses the fused kernel, and fuses q, k, v into one matrix.)
-               Reported: final val loss (eval_iters batches of the val split, the same batches for both),
-               the median ms/iter over the log windows (evaluation excluded) and the wall time.
-checkpointing  one training step (forward, backward, AdamW) of a GPT-2-small-width model (d_model 768,
-               12 heads, --layers layers, block 512, batch --batch, vocab 4096 so that the logits do not
-               dominate) with and without grad_checkpoint. Each case runs in a fresh process: peak memory is
-               ru_maxrss after the step minus ru_maxrss after a 64-token warm-up step (which allocates the
-               weights' gradients and AdamW's state), i.e. the activations and temporaries of one step.
-               Tokens/s: the best of --reps steps.
+shakespeare    runs train.py twice on the text, one run after the other (or with --together both
+               at once), each in its own process:
+               - "nanoGPT recipe": nanoGPT's shakespeare_char CPU run as its README gives it (4
+                 layers, 4 heads, width 128, block 64, batch 12, 2000 iterations, dropout 0) with
+                 its architecture (LayerNorm without bias, learned positions, GELU MLP, no biases,
+                 tied head) and its hyperparameters (lr 1e-3 -> 1e-4, warmup 100, beta2 0.99,
+                 weight decay 0.1, clip 1.0); nanoGPT itself reports val loss 1.886 there;
+               - configs/shakespeare_char.yaml: the same budget with RMSNorm, RoPE, SwiGLU, one KV
+                 head and tuned AdamW.
+               Both go through the same train.py loop, so ms/iter compares the models, not two
+               codebases. (nanoGPT's own code steps about 5% slower than its recipe here: it runs
+               AdamW's per-tensor loop on CPU where train.py uses the fused kernel, and fuses q, k,
+               v into one matrix.) Reported: final val loss (eval_iters batches of the val split,
+               the same batches for both), the median ms/iter over the log windows (evaluation
+               excluded) and the wall time.
+checkpointing  one training step (forward, backward, AdamW) of a GPT-2-small-width model (d_model
+               768, 12 heads, --layers layers, block 512, batch --batch, vocab 4096 so that the
+               logits do not dominate) with and without grad_checkpoint. Each case runs in a fresh
+               process: peak memory is ru_maxrss after the step minus ru_maxrss after a 64-token
+               warm-up step (which allocates the weights' gradients and AdamW's state), i.e. the
+               activations and temporaries of one step. Tokens/s: the best of --reps steps.
 """
 import argparse
 import json
@@ -42,15 +44,17 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from model import Config, Transformer  # noqa: E402
 
-NANOGPT = ["--norm=layernorm", "--norm_bias=false", "--position=learned", "--ffn=mlp", "--activation=gelu",
-           "--n_kv_head=null", "--d_ff=null", "--bias=false", "--lr=1e-3", "--min_lr=1e-4", "--warmup_iters=100",
-           "--beta2=0.99", "--weight_decay=0.1", "--grad_clip=1.0"]
+NANOGPT = ["--norm=layernorm", "--norm_bias=false", "--position=learned", "--ffn=mlp",
+           "--activation=gelu", "--n_kv_head=null", "--d_ff=null", "--bias=false", "--lr=1e-3",
+           "--min_lr=1e-4", "--warmup_iters=100", "--beta2=0.99", "--weight_decay=0.1",
+           "--grad_clip=1.0"]
 RUNS = {"nanoGPT recipe": NANOGPT, "shakespeare_char.yaml": []}
 
 
 def shakespeare(args):
-    print(f"torch {torch.__version__}, {args.threads} CPU thread(s) per run, "
-          f"{'both runs at once' if args.together else 'one run after the other'}; data {args.text}")
+    order = "both runs at once" if args.together else "one run after the other"
+    print(f"torch {torch.__version__}, {args.threads} CPU thread(s) per run, {order}; "
+          f"data {args.text}")
     print(f"{'run':<22} | {'val loss':>8} | {'ms/iter':>7} | {'wall s':>6}")
     extra = ["--max_iters=200", "--eval_interval=100", "--log_interval=20"] if args.quick else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -58,11 +62,12 @@ def shakespeare(args):
         procs, wall = {}, {}
         for name, overrides in RUNS.items():
             out = Path(tmp) / name.split()[0]
-            cmd = [sys.executable, "train.py", "configs/shakespeare_char.yaml", f"--data={args.text}",
-                   f"--out_dir={out}", "--sample_tokens=0", *overrides, *extra]
+            cmd = [sys.executable, "train.py", "configs/shakespeare_char.yaml",
+                   f"--data={args.text}", f"--out_dir={out}", "--sample_tokens=0", *overrides,
+                   *extra]
             with open(f"{out}.err", "w") as err:
-                procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err),
-                               time.time())
+                procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                                stderr=err), time.time())
             while len(wall) < len(procs) and (not args.together or len(procs) == len(RUNS)):
                 for n, (proc, t0) in procs.items():
                     if n not in wall and proc.poll() is not None:
@@ -71,12 +76,14 @@ def shakespeare(args):
         for name, (proc, _) in procs.items():
             out = Path(tmp) / name.split()[0]
             if proc.returncode:
-                print(f"{name:<22} | {Path(f'{out}.err').read_text().strip().splitlines()[-1][:60]}")
+                last = Path(f"{out}.err").read_text().strip().splitlines()[-1]
+                print(f"{name:<22} | {last[:60]}")
                 continue
             lines = (out / "metrics.jsonl").read_text().splitlines()
             metrics = [json.loads(line) for line in lines]
             val = [m["val_loss"] for m in metrics if "val_loss" in m][-1]
-            ms = statistics.median(m["ms_per_iter"] for m in metrics if "ms_per_iter" in m and m["iter"] > 0)
+            ms = statistics.median(m["ms_per_iter"] for m in metrics
+                                   if "ms_per_iter" in m and m["iter"] > 0)
             print(f"{name:<22} | {val:>8.4f} | {ms:>7.1f} | {wall[name]:>6.0f}", flush=True)
 
 
@@ -88,9 +95,9 @@ def checkpoint_case(args):
     """One configuration, in this (fresh) process: {"tok_s", "peak_mb"}."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = Config(vocab_size=4096, block_size=args.block, n_layer=args.layers, n_head=12, d_model=args.d_model,
-                 norm="rmsnorm", position="rope", ffn="glu", activation="silu", bias=False,
-                 grad_checkpoint=bool(args.grad_checkpoint))
+    cfg = Config(vocab_size=4096, block_size=args.block, n_layer=args.layers, n_head=12,
+                 d_model=args.d_model, norm="rmsnorm", position="rope", ffn="glu",
+                 activation="silu", bias=False, grad_checkpoint=bool(args.grad_checkpoint))
     model = Transformer(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
@@ -99,7 +106,7 @@ def checkpoint_case(args):
         t0 = time.perf_counter()
         model(ids[:, :-1], ids[:, 1:].contiguous()).loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=False)                 # keep the gradient buffers: they are not activations
+        opt.zero_grad(set_to_none=False)                 # keep the gradients: not activations
         return time.perf_counter() - t0
 
     step(1, 64)                                          # allocates gradients and AdamW state
@@ -109,19 +116,22 @@ def checkpoint_case(args):
 
 
 def checkpointing(args):
-    print(f"torch {torch.__version__}, {args.threads} CPU thread(s); d_model {args.d_model}, {args.layers} layers, "
-          f"12 heads, block {args.block}, batch {args.batch}, RMSNorm/RoPE/SwiGLU, vocab 4096")
+    print(f"torch {torch.__version__}, {args.threads} CPU thread(s); d_model {args.d_model}, "
+          f"{args.layers} layers, 12 heads, block {args.block}, batch {args.batch}, "
+          f"RMSNorm/RoPE/SwiGLU, vocab 4096")
     print(f"{'grad_checkpoint':<15} | {'tokens/s':>8} | {'peak MB':>7}")
     rows = {}
     for on in (0, 1):
-        cmd = [sys.executable, __file__, "checkpointing", "--worker", "--grad_checkpoint", str(on)] + \
-              [f"--{k}={getattr(args, k)}" for k in ("threads", "d_model", "layers", "block", "batch", "reps")]
+        sizes = ("threads", "d_model", "layers", "block", "batch", "reps")
+        cmd = [sys.executable, __file__, "checkpointing", "--worker", "--grad_checkpoint", str(on),
+               *(f"--{k}={getattr(args, k)}" for k in sizes)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
             print(f"{bool(on)!s:<15} | {res.stderr.strip().splitlines()[-1][:60]}")
             return
         rows[on] = json.loads(res.stdout.strip().splitlines()[-1])
-        print(f"{bool(on)!s:<15} | {rows[on]['tok_s']:>8.0f} | {rows[on]['peak_mb']:>7.0f}", flush=True)
+        print(f"{bool(on)!s:<15} | {rows[on]['tok_s']:>8.0f} | {rows[on]['peak_mb']:>7.0f}",
+              flush=True)
     print(f"checkpointing: peak activation memory x{rows[1]['peak_mb'] / rows[0]['peak_mb']:.2f} "
           f"({rows[0]['peak_mb'] - rows[1]['peak_mb']:.0f} MB less), "
           f"time per token x{rows[0]['tok_s'] / rows[1]['tok_s']:.2f}")
@@ -132,10 +142,11 @@ def main():
     p.add_argument("bench", choices=["shakespeare", "checkpointing"])
     p.add_argument("text", nargs="?", help="shakespeare: the tiny-shakespeare text file")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--quick", action="store_true", help="shakespeare: 200 iterations; checkpointing: a smaller model")
+    p.add_argument("--quick", action="store_true",
+                   help="shakespeare: 200 iterations; checkpointing: a smaller model")
     p.add_argument("--together", action="store_true",
-                   help="shakespeare: start both runs at once (use --threads 1): on a shared machine both then see "
-                        "the same load, which makes their ms/iter comparable")
+                   help="shakespeare: start both runs at once (use --threads 1): on a shared "
+                        "machine both then see the same load, which makes their ms/iter comparable")
     p.add_argument("--d_model", type=int, default=768)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--block", type=int, default=512)
