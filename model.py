@@ -277,20 +277,27 @@ LIMITS = {  # rule -> (test, the fields it covers); None (an unset option) passe
 
 
 def read_yaml(path) -> dict:
-    """A YAML config file's top-level mapping; a syntax error is one line with file:line:column."""
+    """The mapping in a YAML config file, or a one-line ValueError naming file, line and column."""
     import yaml  # lazy: model.py imports only torch at module level
-    with open(path) as f:
-        try:
-            raw = yaml.safe_load(f)
-        except yaml.YAMLError as e:  # a bad indent, a tab: say where, in one line
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-            problem = getattr(e, "problem", None) or str(e).replace("\n", " ")
-            raise ValueError(f"{where}: invalid YAML: {problem}") from None
-    if not isinstance(raw, dict | None):
-        raise ValueError(f"{path} must hold a mapping of config keys (key: value lines), "
-                         f"not a {type(raw).__name__}")
-    return dict(raw or {})
+    p = Path(path)
+    if not p.is_file():
+        what = "is a directory" if p.is_dir() else "does not exist"
+        raise ValueError(f"config file {path} {what}; see configs/ for the named models")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {path} is not UTF-8 text (byte offset {e.start}); save it "
+                         f"as UTF-8") from None
+    except yaml.YAMLError as e:  # a bad indent, a tab: say where, in one line
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ValueError(f"config file {path} is not valid YAML{where}: {problem}; fix that line "
+                         f"(YAML indents with spaces, never tabs)") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must be a mapping of config keys (key: value lines), not a "
+                         f"{type(raw).__name__}")
+    return raw
 
 
 def check_choice(what, value, allowed):

@@ -54,7 +54,15 @@ from data.objectives import (
     show,
 )
 from data.prepare import CORPORA, VAL_FRACTION, get_tokenizer, load_tokens, prepare
-from model import Config, Transformer, check_choice, check_type, load_checkpoint, save_checkpoint
+from model import (
+    Config,
+    Transformer,
+    check_choice,
+    check_type,
+    load_checkpoint,
+    read_yaml,
+    save_checkpoint,
+)
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -188,30 +196,6 @@ def usage():
     lines.append("Model keys: the fields of Config in model.py (the top level of a YAML file, or "
                  "--key=value).")
     return "\n".join(lines)
-
-
-def read_yaml(path):
-    """The mapping in a YAML config file, or a one-line ValueError naming file, line and column."""
-    import yaml
-    p = Path(path)
-    if not p.is_file():
-        what = "is a directory" if p.is_dir() else "does not exist"
-        raise ValueError(f"config file {path} {what}; see configs/ for the named models")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as e:
-        raise ValueError(f"config file {path} is not UTF-8 text (byte offset {e.start}); save it "
-                         f"as UTF-8") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or type(e).__name__
-        raise ValueError(f"config file {path} is not valid YAML{where}: {problem}; fix that line "
-                         f"(YAML indents with spaces, never tabs)") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path} must be a mapping of config keys (key: value lines), not a "
-                         f"{type(raw).__name__}")
-    return raw
 
 
 def parse_config(argv):
@@ -351,7 +335,7 @@ def check_run(tc: TrainConfig, arch: Config, objective: str, pair_task: str):
         raise ValueError(f"grad_checkpoint recomputes each block in backward, and with "
                          f"segments={K} that would update the carried state a second time; turn "
                          f"one of them off")
-    if K > 1 and arch.position in ("learned", "sinusoidal"):
+    if K > 1 and arch.positions_bounded:
         raise ValueError(f"segments={K} runs positions up to {K * T - 1}, past the {arch.position} "
                          f"position table of block_size={T}; use position: rope or dynamic_bias, "
                          f"or segments=1")
@@ -729,7 +713,7 @@ def sample_text(model, tok, splits, objective, tc: TrainConfig, env: Env, max_to
         T = model.config.block_size
         prompt = prompt[-(T // 2):]
         n = tc.sample_tokens if max_tokens is None else max_tokens
-        if model.config.position in ("learned", "sinusoidal"):  # a position table ends at T
+        if model.config.positions_bounded:  # a position table ends at T
             n = max(0, min(n, T - len(prompt)))
         gen = torch.Generator(device=env.device).manual_seed(tc.seed)
         with env.autocast():

@@ -75,11 +75,11 @@ def test_fields_that_must_agree(kw, message):
 
 
 @pytest.mark.parametrize("text, parts", [
-    ("n_layer: 2\n\tn_head: 4\n", [":2:1: invalid YAML", "'\\t'"]),           # a tab
-    ("n_layer: 2\n  n_head: 4\n", [":2:9: invalid YAML", "mapping values"]),   # a bad indent
-    ("n_layer: [2, 3\n", [":2:1: invalid YAML"]),                              # unclosed list
-    ("- n_layer: 2\n", ["must hold a mapping of config keys", "not a list"]),
-    ("just some words\n", ["must hold a mapping of config keys", "not a str"]),
+    ("n_layer: 2\n\tn_head: 4\n", ["at line 2, column 1", "'\\t'"]),           # a tab
+    ("n_layer: 2\n  n_head: 4\n", ["at line 2, column 9", "mapping values"]),   # a bad indent
+    ("n_layer: [2, 3\n", ["at line 2, column 1"]),                              # unclosed list
+    ("- n_layer: 2\n", ["must be a mapping of config keys", "not a list"]),
+    ("just some words\n", ["must be a mapping of config keys", "not a str"]),
 ])
 def test_yaml_errors_are_one_line_with_file_line_and_column(tmp_path, text, parts):
     path = tmp_path / "bad.yaml"
