@@ -180,6 +180,15 @@ def fingerprint(source, tokenizer, bpe_vocab_size):
     return hashlib.sha1(key.encode()).hexdigest()
 
 
+def cached_meta(path):
+    """A prepared directory's meta.json, or {} when absent or unreadable (then it is redone)."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def prepare(source, out_dir, tokenizer="char", bpe_vocab_size=1024):
     """Tokenise `source` (a file or a name in CORPORA) into out_dir; returns the meta dict.
 
@@ -188,9 +197,9 @@ def prepare(source, out_dir, tokenizer="char", bpe_vocab_size=1024):
     out_dir, source = Path(out_dir), str(source)
     stamp = fingerprint(source, tokenizer, bpe_vocab_size)
     meta_path = out_dir / "meta.json"
-    if stamp and meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == \
-            stamp:
-        return json.loads(meta_path.read_text())
+    cached = cached_meta(meta_path)
+    if stamp and cached.get("fingerprint") == stamp:
+        return cached
     # a downloaded corpus is kept beside out_dir, for every tokenizer prepared from it
     raw = CORPORA[source](out_dir.parent) if source in CORPORA else read_bytes(source)
     is_text = tokenizer != "byte"             # the byte tokenizer takes the bytes as they are

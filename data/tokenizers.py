@@ -54,8 +54,8 @@ class CharTokenizer:
                              f"it, or train with --tokenizer=byte or bpe, which encode any text"
                              ) from None
 
-    def decode(self, ids):
-        return "".join(self.chars[i] for i in ids)
+    def decode(self, ids):  # ids past the vocabulary (a padded embedding's) leave no text
+        return "".join(self.chars[i] for i in ids if i < self.vocab_size)
 
 
 class ByteTokenizer:
@@ -69,7 +69,7 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
     def decode(self, ids):  # a sample may stop inside a multi-byte character
-        return bytes(ids).decode("utf-8", errors="replace")
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
 class TiktokenTokenizer:
@@ -83,7 +83,7 @@ class TiktokenTokenizer:
         return self.enc.encode_ordinary(text)
 
     def decode(self, ids):
-        return self.enc.decode(ids, errors="replace")
+        return self.enc.decode([i for i in ids if i < self.vocab_size], errors="replace")
 
 
 def tiktoken_encoding(name):

@@ -59,6 +59,7 @@ def test_char_tokenizer_vocab_and_round_trip():
     assert tok.decode(ids) == text and ids[:2] == [tok.chars.index("h"), tok.chars.index("e")]
     assert P.get_tokenizer(json.loads(json.dumps(tok.meta))).encode(text) == ids   # meta: JSON
     one_line_error(tok.encode, "hello?")        # "?" was never seen: no id for it
+    assert tok.decode(ids + [11, 40]) == text   # ids of a padded embedding decode to nothing
 
 
 def test_byte_tokenizer_round_trip():
@@ -67,6 +68,7 @@ def test_byte_tokenizer_round_trip():
     assert ids == list(UNICODE.encode("utf-8")) and tok.vocab_size == 256 and max(ids) > 127
     assert tok.decode(ids) == UNICODE
     assert tok.decode(tok.encode("é")[:1]) == "\ufffd"  # a sample cut inside a character: U+FFFD
+    assert tok.decode(ids + [256, 300]) == UNICODE      # ids of a padded embedding: no text
 
 
 def test_bpe_trained_here_runs_on_tiktoken(tmp_path, corpus):
@@ -174,6 +176,9 @@ def test_prepare_is_cached_and_redone_when_the_input_changes(tmp_path, monkeypat
     src.write_text("zyxwvutsrq" * 10)                                       # new content: redone
     assert P.prepare(src, out, "byte")["val_tokens"] == 10
     assert P.load_tokens(out / "val.bin", "uint16").tolist() == list(b"zyxwvutsrq")
+    for broken in ("{not json", "[1, 2]", "\xff"):                     # a damaged cache: redone
+        (out / "meta.json").write_text(broken, encoding="latin-1")
+        assert P.prepare(src, out, "byte")["val_tokens"] == 10
 
 
 def test_prepare_writes_meta_json_last(tmp_path, monkeypatch):
