@@ -1,5 +1,6 @@
-"""HF-format import: a directory written by transformers' save_pretrained (config.json and
-safetensors) becomes a model.py Transformer, for the 15 families of FAMILIES.
+"""HF-format import and export: a directory written by transformers' save_pretrained (config.json
+and safetensors) becomes a model.py Transformer (from_pretrained), and a Transformer whose config a
+HF family expresses becomes such a directory (save_pretrained), for the 15 families of FAMILIES.
 
 A family is three things, each kept so that an export (ours -> HF) can run them backwards:
   1. a config translation   HF config.json -> our Config fields            (*_config functions)
@@ -9,6 +10,10 @@ A family is three things, each kept so that an export (ours -> HF) can run them 
                             split_qkv, stack_experts, ...), each with one obvious inverse
 from_pretrained reads config.json, renames and reshapes the weights, checks their shapes against
 the config, and loads them. Every failure is a one-line ValueError naming the file.
+save_pretrained inverts each part: *_hf functions write config.json, UNDO undoes the reshapes in
+reverse order, invert() turns a key table around. Which family: the first whose round trip (its
+*_hf, then its import translation) gives back every field that takes effect in our config
+(hf_config); a config no family expresses is a one-line ValueError naming the field.
 """
 import dataclasses
 import json
@@ -996,6 +1001,16 @@ def write_atomically(path: Path, write):
     os.replace(tmp, path)
 
 
+def check_target(hf_dir: Path):
+    """A directory save_pretrained may write: weight files of another model there (shards, an
+    index) would be read with or instead of the new model.safetensors."""
+    stale = sorted(p.name for p in hf_dir.glob("*.safetensors*") if p.name != "model.safetensors")
+    if stale:
+        raise ValueError(f"{hf_dir} holds other weight files ({', '.join(stale[:3])}) that a "
+                         f"loader would read with or instead of the new model.safetensors; pass "
+                         f"an empty or new directory")
+
+
 def save_pretrained(model, hf_dir, tokenizer=None, token_ids=None):
     """Write model as a HF-format directory that transformers' Auto classes load (CausalLM,
     MaskedLM or PreTraining, Seq2SeqLM): config.json, model.safetensors and, for a tokenizer made
@@ -1013,11 +1028,7 @@ def save_pretrained(model, hf_dir, tokenizer=None, token_ids=None):
                              f"tokenizer.json, so there is none to write; pass tokenizer=None")
         tok_json = meta["json"]
     hf_dir = Path(hf_dir)
-    stale = sorted(p.name for p in hf_dir.glob("*.safetensors*") if p.name != "model.safetensors")
-    if stale:
-        raise ValueError(f"{hf_dir} holds other weight files ({', '.join(stale[:3])}) that a "
-                         f"loader would read with or instead of the new model.safetensors; pass "
-                         f"an empty or new directory")
+    check_target(hf_dir)
     weights = hf_weights(model, family, raw)
     dtype = next(iter(weights.values())).dtype
     head = EXPORTS[family][1]

@@ -73,7 +73,7 @@ from data.prepare import (
     load_tokens,
     prepare,
 )
-from hf import from_pretrained, hf_config, read_json, save_pretrained
+from hf import check_target, from_pretrained, hf_config, read_json, save_pretrained
 from model import (
     Config,
     Transformer,
@@ -383,6 +383,7 @@ def check_run(tc: TrainConfig, arch: Config, objective: str, pair_task: str):
     if tc.export == "hf":  # the family is matched now: no run ends in an export that cannot be
         try:
             hf_config(arch)
+            check_target(out_dir / "hf")
         except ValueError as e:
             raise ValueError(f"export=hf: {e}") from None
     return found
