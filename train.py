@@ -102,16 +102,14 @@ class TrainConfig:
 
     # data
     data: str = "stdlib"              # stdlib | shakespeare | a UTF-8 text file | a prepared dir
-    tokenizer: str = "auto"           # auto (init_from's own, else char) | char | byte | bpe |
-                                      # hf:PATH (a tokenizer.json) | a tiktoken encoding (gpt2, ...)
+    tokenizer: str = "auto"           # auto (init_from's, or char) | char | byte | bpe | hf:PATH
     bpe_vocab_size: int = 1024        # vocabulary trained on the text when tokenizer is bpe
     # objective (data/objectives.py)
     objective: str = "auto"           # auto (by architecture) | lm | mlm | span | seq2seq
     pair_task: str = "auto"           # mlm's cls head: auto (nsp if cls_head) | none | nsp | sop
     segments: int = 1                 # block-recurrent: calls per window, state carried, BPTT cut
     # starting point: fine-tuning
-    init_from: str | None = None      # start from these weights: a ckpt.pt / ckpt_best.pt, or a
-                                      # HF-format directory (config.json, safetensors) of hf.py
+    init_from: str | None = None      # start from a ckpt.pt, a ckpt_best.pt or a HF-format dir
     # output, evaluation, sampling
     out_dir: str = "out"
     resume: bool = False              # continue out_dir/ckpt.pt: weights, optimizer, RNG, data
@@ -123,8 +121,7 @@ class TrainConfig:
     sample_tokens: int = 256          # sampled after training (absolute positions: to block_size)
     sample_prompt: str = "\n"
     sample_temperature: float = 0.8
-    export: str = "none"              # none | fp16 | bf16: also write model_<export>.pt (weights)
-                                      # | hf: out_dir/hf, a HF-format directory (hf.py)
+    export: str = "none"              # none | fp16 | bf16 (model_<export>.pt) | hf (out_dir/hf/)
     # batch: tokens per step = batch_size * grad_accum * world size * block_size
     batch_size: int = 16
     grad_accum: int = 1
