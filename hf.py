@@ -1,5 +1,6 @@
-"""HF-format import: a directory written by transformers' save_pretrained (config.json and
-safetensors) becomes a model.py Transformer, for the 15 families of FAMILIES.
+"""HF-format import and export: a directory written by transformers' save_pretrained (config.json
+and safetensors) becomes a model.py Transformer (from_pretrained), and a Transformer whose config a
+HF family expresses becomes such a directory (save_pretrained), for the 15 families of FAMILIES.
 
 A family is three things, each kept so that an export (ours -> HF) can run them backwards:
   1. a config translation   HF config.json -> our Config fields            (*_config functions)
@@ -9,14 +10,22 @@ A family is three things, each kept so that an export (ours -> HF) can run them 
                             split_qkv, stack_experts, ...), each with one obvious inverse
 from_pretrained reads config.json, renames and reshapes the weights, checks their shapes against
 the config, and loads them. Every failure is a one-line ValueError naming the file.
+save_pretrained inverts each part: *_hf functions write config.json, UNDO undoes the reshapes in
+reverse order, invert() turns a key table around. Which family: the first whose round trip (its
+*_hf, then its import translation) gives back every field that takes effect in our config
+(hf_config); a config no family expresses is a one-line ValueError naming the field.
 """
+import dataclasses
 import json
+import math
 import os
+import re
+import string
 from pathlib import Path
 
 import torch
 
-from model import Config, Transformer
+from model import Config, Transformer, layer_types, stack_config
 
 # ----------------------------------------------------------------------------------------------
 # 1. Config translation: HF config.json dict -> our Config fields
@@ -261,12 +270,14 @@ GEMMA_KEYS = {  # sandwich norms: post_attention_layernorm is the norm *after* a
 }
 GPT2_LAYER = {"ln_1": "norm_1", "ln_2": "norm_2", "attn.c_proj": "mixer.o_proj",
               "attn.c_attn": "mixer.qkv", "mlp.c_fc": "ffn.up", "mlp.c_proj": "ffn.down"}
-GPT2_KEYS = {  # Conv1D weights are (in, out); c_attn holds [q | k | v]: see the reshapes
+GPT2_BARE = {  # Conv1D weights are (in, out); c_attn holds [q | k | v]: see the reshapes
     "wte.weight": "wte.weight", "wpe.weight": "wpe.weight",
     "ln_f.weight": "norm_f.weight", "ln_f.bias": "norm_f.bias",
     **{f"h.{{}}.{a}.{w}": f"blocks.{{}}.{b}.{w}" for a, b in GPT2_LAYER.items()
        for w in ("weight", "bias")},
 }
+# save_pretrained writes transformer.*, hub files may omit the prefix: both read, the first written
+GPT2_KEYS = {**{f"transformer.{k}": v for k, v in GPT2_BARE.items()}, **GPT2_BARE}
 MOE_KEYS = {  # Qwen3-MoE; each expert apart on disk, stacked by stack_experts
     **LLAMA_KEYS,
     "model.layers.{}.mlp.gate.weight": "blocks.{}.ffn.router.weight",
@@ -299,13 +310,13 @@ BERT_HEADS = {"bert.pooler.dense": "pooler", "cls.predictions.transform.dense": 
               "cls.predictions.transform.LayerNorm": "head_transform.2",
               "cls.predictions.decoder": "lm_head", "cls.seq_relationship": "cls",
               "bert.embeddings.LayerNorm": "embed_norm"}
-BERT_KEYS = {
+BERT_KEYS = {  # first: the HF name the export writes for ours (the head bias under its own)
+    "cls.predictions.bias": "lm_head.bias",
     **{f"bert.embeddings.{a}_embeddings.weight": f"{b}.weight"
        for a, b in [("word", "wte"), ("position", "wpe"), ("token_type", "wtt")]},
     **{f"bert.encoder.layer.{{}}.{a}.{w}": f"blocks.{{}}.{b}.{w}" for a, b in BERT_LAYER.items()
        for w in ("weight", "bias")},
     **{f"{a}.{w}": f"{b}.{w}" for a, b in BERT_HEADS.items() for w in ("weight", "bias")},
-    "cls.predictions.bias": "lm_head.bias",
 }
 ALBERT_LAYER = {"attention.query": "mixer.q_proj", "attention.key": "mixer.k_proj",
                 "attention.value": "mixer.v_proj", "attention.dense": "mixer.o_proj",
@@ -316,11 +327,11 @@ ALBERT_HEADS = {"albert.pooler": "pooler", "predictions.dense": "head_transform.
                 "sop_classifier.classifier": "cls", "albert.embeddings.LayerNorm": "embed_norm",
                 "albert.encoder.embedding_hidden_mapping_in": "embed_proj"}
 ALBERT_KEYS = {  # group g, inner layer 0: blocks.{0} takes the group index only
+    "predictions.bias": "lm_head.bias",
     **{k.replace("bert.", "albert."): v for k, v in BERT_KEYS.items() if "_embeddings" in k},
     **{f"albert.encoder.albert_layer_groups.{{}}.albert_layers.{{}}.{a}.{w}":
        f"blocks.{{0}}.{b}.{w}" for a, b in ALBERT_LAYER.items() for w in ("weight", "bias")},
     **{f"{a}.{w}": f"{b}.{w}" for a, b in ALBERT_HEADS.items() for w in ("weight", "bias")},
-    "predictions.bias": "lm_head.bias",
 }
 DEBERTA_LAYER = {**{k: v for k, v in BERT_LAYER.items() if not k.startswith("attention.self")},
                  **{f"attention.self.{p}_proj": f"mixer.{p[0]}_proj"
@@ -356,7 +367,7 @@ BART_KEYS = {
        for a, b in BART_LAYER.items() for w in ("weight", "bias")},
 }
 MARIAN_KEYS = {k: v for k, v in BART_KEYS.items() if "embed_positions" not in k}  # sinusoids
-T5_KEYS = {  # the decoder's sub-layer 1 is cross-attention, so its FFN is sub-layer 2
+T5_SHARED = {  # the decoder's sub-layer 1 is cross-attention, so its FFN is sub-layer 2
     "shared.weight": "encoder.wte.weight",
     "lm_head.weight": "decoder.lm_head.weight",
     **{f"{s}.embed_tokens.weight": f"{s}.wte.weight" for s in ("encoder", "decoder")},
@@ -372,10 +383,20 @@ T5_KEYS = {  # the decoder's sub-layer 1 is cross-attention, so its FFN is sub-l
     "decoder.block.{}.layer.1.layer_norm.weight": "decoder.blocks.{}.norm_x.weight",
     **{f"{s}.block.{{}}.layer.{i}.layer_norm.weight": f"{s}.blocks.{{}}.norm_2.weight"
        for s, i in (("encoder", 1), ("decoder", 2))},
-    **{f"{s}.block.{{}}.layer.{i}.DenseReluDense.{a}.weight": f"{s}.blocks.{{}}.ffn.{b}.weight"
-       for s, i in (("encoder", 1), ("decoder", 2))
-       for a, b in (("wi", "up"), ("wi_0", "gate"), ("wi_1", "up"), ("wo", "down"))},
 }
+T5_FFN = {"mlp": (("wi", "up"), ("wo", "down")),                       # relu: wo(relu(wi x))
+          "glu": (("wi_0", "gate"), ("wi_1", "up"), ("wo", "down"))}   # gated-gelu (v1.1)
+
+
+def t5_keys(ffns):
+    """T5's table for these FFN kinds: the import reads both; the export writes its config's."""
+    return {**T5_SHARED, **{f"{s}.block.{{}}.layer.{i}.DenseReluDense.{a}.weight":
+                            f"{s}.blocks.{{}}.ffn.{b}.weight" for s, i in (("encoder", 1),
+                                                                          ("decoder", 2))
+                            for f in ffns for a, b in T5_FFN[f]}}
+
+
+T5_KEYS = t5_keys(T5_FFN)
 
 # ----------------------------------------------------------------------------------------------
 # 3. Reshapes: what renaming cannot do, on the renamed state dict (sd) and the config fields (cfg)
@@ -444,8 +465,7 @@ FAMILIES = {  # model_type -> (config translation, key table, reshapes in order)
 }
 IGNORED = ("attn.bias", "attn.masked_bias", "mtp.", "vision_tower.", "multi_modal_projector.",
            "embed_positions", "rotary_emb.inv_freq")  # buffers, sinusoids, parts we do not run
-PREFIXES = {"transformer.": "",                        # GPT-2 hub files may omit this prefix
-            "model.language_model.": "model."}          # multimodal Gemma 3: the text model
+PREFIXES = {"model.language_model.": "model."}         # multimodal Gemma 3: the text model
 
 # ----------------------------------------------------------------------------------------------
 # 4. Reading the files
@@ -603,3 +623,425 @@ def from_pretrained(hf_dir):
         raise ValueError(f"{hf_dir}: weights do not match the {family} layout "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Export: the import run backwards. Our Config -> config.json (each family's translation
+#    inverted), our weights -> HF's (reshapes undone in reverse order, key tables inverted)
+
+# gelu_tanh as the function ours runs (F.gelu, approximate="tanh"), not gelu_new's formula
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu", "silu": "silu"}
+HF_LAYER_TYPES = {ours: hf for hf, ours in LAYER_TYPES.items()}
+
+
+def hf_rope(cfg):
+    """One rope_parameters entry (rope_fields inverted). HF's dynamic scaling takes the original
+    context from max_position_embeddings, so it is not written."""
+    kind = cfg.rope_scaling
+    rope = {"rope_type": "default" if kind == "none" else kind, "rope_theta": cfg.rope_theta}
+    if kind != "none":
+        rope["factor"] = cfg.rope_factor
+    if kind == "llama3":
+        rope.update(original_max_position_embeddings=cfg.rope_original_max_len,
+                    low_freq_factor=cfg.rope_low_freq_factor,
+                    high_freq_factor=cfg.rope_high_freq_factor)
+    return rope
+
+
+def hf_layer_types(cfg, family_has):
+    """layer_types of our mixers; one the family lacks is written as full attention, and the round
+    trip in hf_config then tells the two apart."""
+    return [HF_LAYER_TYPES[m] if m in family_has else "full_attention" for m, _ in layer_types(cfg)]
+
+
+def without(d, *keys):
+    return {k: v for k, v in d.items() if k not in keys}
+
+
+def llama_hf(cfg):
+    return dict(vocab_size=cfg.vocab_size, max_position_embeddings=cfg.block_size,
+                num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                num_key_value_heads=cfg.kv_heads, hidden_size=cfg.d_model, head_dim=cfg.hs,
+                intermediate_size=cfg.ffn_dim, rms_norm_eps=cfg.norm_eps,
+                hidden_act=HF_ACTIVATIONS.get(cfg.activation), attention_bias=cfg.bias,
+                mlp_bias=cfg.ffn_biased, tie_word_embeddings=cfg.tie_embeddings,
+                rope_parameters=hf_rope(cfg))
+
+
+def mistral_hf(cfg):  # no bias options; a window on every layer or on none
+    local = {m for m, _ in layer_types(cfg)} == {"local_attn"}
+    return {**without(llama_hf(cfg), "attention_bias", "mlp_bias"),
+            "sliding_window": cfg.sliding_window if local else None}
+
+
+def qwen3_hf(cfg):  # windows on any layers (layer_types)
+    types = hf_layer_types(cfg, ("attn", "local_attn"))
+    return {**without(llama_hf(cfg), "mlp_bias"), "layer_types": types,
+            "use_sliding_window": "sliding_attention" in types,
+            "sliding_window": cfg.sliding_window}
+
+
+def gemma2_hf(cfg):
+    scalar = (cfg.attn_scale or cfg.hs ** -0.5) ** -2  # HF scales by query_pre_attn_scalar**-0.5
+    return {**without(llama_hf(cfg), "mlp_bias", "hidden_act"),
+            "hidden_activation": HF_ACTIVATIONS.get(cfg.activation),
+            "layer_types": hf_layer_types(cfg, ("attn", "local_attn")),
+            "sliding_window": cfg.sliding_window,
+            "query_pre_attn_scalar": round(scalar) if math.isclose(scalar, round(scalar))
+            else scalar,
+            "attn_logit_softcapping": cfg.attn_softcap,
+            "final_logit_softcapping": cfg.final_softcap}
+
+
+def gemma3_hf(cfg):  # one RoPE per layer type; the local one unscaled
+    local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
+    return {**gemma2_hf(cfg), "attn_logit_softcapping": None,
+            "rope_parameters": {"sliding_attention": local, "full_attention": hf_rope(cfg)}}
+
+
+def mixtral_hf(cfg):
+    return {**without(llama_hf(cfg), "attention_bias", "mlp_bias"), "sliding_window": None,
+            "intermediate_size": cfg.moe_d_ff or cfg.ffn_dim, "num_local_experts": cfg.n_expert,
+            "num_experts_per_tok": cfg.moe_top_k, "router_aux_loss_coef": cfg.moe_aux_weight}
+
+
+def qwen3_moe_hf(cfg):  # MoE layers where ffn_pattern has them, the others dense (mlp_only_layers)
+    dense = [i for i, (_, f) in enumerate(layer_types(cfg)) if f == "dense"]
+    return {**without(qwen3_hf(cfg), "layer_types", "use_sliding_window", "sliding_window"),
+            "num_experts": cfg.n_expert, "num_experts_per_tok": cfg.moe_top_k,
+            "moe_intermediate_size": cfg.moe_d_ff or cfg.ffn_dim, "decoder_sparse_step": 1,
+            "mlp_only_layers": dense, "norm_topk_prob": cfg.moe_renorm,
+            "router_aux_loss_coef": cfg.moe_aux_weight}
+
+
+def qwen3_next_hf(cfg):
+    return {**qwen3_moe_hf(cfg), "layer_types": hf_layer_types(cfg, ("attn", "deltanet")),
+            "rope_parameters": {**hf_rope(cfg), "partial_rotary_factor": cfg.rope_fraction},
+            "shared_expert_intermediate_size": cfg.moe_shared_d_ff,
+            "linear_num_key_heads": cfg.dn_heads,
+            "linear_num_value_heads": cfg.dn_v_heads or cfg.dn_heads,
+            "linear_key_head_dim": cfg.dn_head_dim,
+            "linear_value_head_dim": cfg.dn_v_head_dim or cfg.dn_head_dim,
+            "linear_conv_kernel_dim": cfg.dn_conv}
+
+
+def bert_hf(cfg):
+    return dict(vocab_size=cfg.vocab_size, max_position_embeddings=cfg.block_size,
+                num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
+                layer_norm_eps=cfg.norm_eps, hidden_act=HF_ACTIVATIONS.get(cfg.activation),
+                type_vocab_size=cfg.type_vocab_size, tie_word_embeddings=cfg.tie_embeddings)
+
+
+def albert_hf(cfg):
+    return {**bert_hf(cfg), "embedding_size": cfg.embed_dim or cfg.d_model,
+            "num_hidden_groups": cfg.layer_groups or cfg.n_layer, "inner_group_num": 1}
+
+
+def deberta_hf(cfg):
+    return {**bert_hf(cfg), "relative_attention": True, "position_biased_input": False,
+            "share_att_key": True, "pos_att_type": ["c2p", "p2c"],
+            "position_buckets": cfg.rel_buckets, "norm_rel_ebd": "layer_norm",
+            "max_relative_positions": cfg.rel_max_distance, "legacy": True}
+
+
+def bart_hf(cfg):
+    stacks = {part: stack_config(cfg, part) for part in ("encoder", "decoder")}
+    return dict(vocab_size=cfg.vocab_size, d_model=cfg.d_model,
+                **{f"{part}_{k}": v for part, s in stacks.items()
+                   for k, v in (("layers", s.n_layer), ("attention_heads", s.n_head),
+                                ("ffn_dim", s.ffn_dim))},
+                max_position_embeddings=cfg.block_size,
+                activation_function=HF_ACTIVATIONS.get(cfg.activation),
+                scale_embedding=cfg.embed_scale is not None,
+                decoder_start_token_id=cfg.decoder_start_token_id,
+                tie_word_embeddings=cfg.tie_embeddings)
+
+
+def marian_hf(cfg):  # its embedding's padding_idx must be an id: the decoder start, as in Marian
+    return {**bart_hf(cfg), "share_encoder_decoder_embeddings": True,
+            "decoder_vocab_size": cfg.vocab_size, "pad_token_id": cfg.decoder_start_token_id}
+
+
+def t5_hf(cfg):
+    act, gated = HF_ACTIVATIONS.get(cfg.activation), cfg.ffn == "glu"
+    proj = f"gated-{act}" if gated else act
+    return dict(vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.hs, d_ff=cfg.ffn_dim,
+                num_heads=cfg.n_head, num_layers=stack_config(cfg, "encoder").n_layer,
+                num_decoder_layers=stack_config(cfg, "decoder").n_layer,
+                n_positions=cfg.block_size, layer_norm_epsilon=cfg.norm_eps,
+                relative_attention_num_buckets=cfg.rel_buckets,
+                relative_attention_max_distance=cfg.rel_max_distance, feed_forward_proj=proj,
+                is_gated_act=gated, dense_act_fn=act,
+                scale_decoder_outputs=cfg.head_input_scale is not None,
+                decoder_start_token_id=cfg.decoder_start_token_id,
+                tie_word_embeddings=cfg.tie_embeddings)
+
+
+EXPORTS = {  # model_type -> (our Config -> config.json fields, the HF class transformers builds)
+    "gpt2": (lambda cfg: dict(vocab_size=cfg.vocab_size, n_positions=cfg.block_size,
+                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.d_model,
+                              n_inner=cfg.ffn_dim, layer_norm_epsilon=cfg.norm_eps,
+                              activation_function=HF_ACTIVATIONS.get(cfg.activation),
+                              scale_attn_weights=cfg.attn_scale != 1.0,
+                              tie_word_embeddings=cfg.tie_embeddings), "GPT2LMHeadModel"),
+    "llama": (llama_hf, "LlamaForCausalLM"),
+    "mistral": (mistral_hf, "MistralForCausalLM"),
+    "qwen3": (qwen3_hf, "Qwen3ForCausalLM"),
+    "gemma2": (gemma2_hf, "Gemma2ForCausalLM"),
+    "gemma3_text": (gemma3_hf, "Gemma3ForCausalLM"),
+    "mixtral": (mixtral_hf, "MixtralForCausalLM"),
+    "qwen3_moe": (qwen3_moe_hf, "Qwen3MoeForCausalLM"),
+    "qwen3_next": (qwen3_next_hf, "Qwen3NextForCausalLM"),
+    "bert": (bert_hf, "BertForMaskedLM"),        # with a cls head (NSP, SOP): *ForPreTraining
+    "albert": (albert_hf, "AlbertForMaskedLM"),
+    "deberta-v2": (deberta_hf, "DebertaV2ForMaskedLM"),
+    "bart": (bart_hf, "BartForConditionalGeneration"),
+    "marian": (marian_hf, "MarianMTModel"),
+    "t5": (t5_hf, "T5ForConditionalGeneration"),
+}
+EXPORT_KEYS = {"t5": lambda cfg: t5_keys((cfg.ffn,))}  # tables read two ways, written one way
+
+# fields that change training, not the function the weights compute: no family needs to have them
+TRAINING_ONLY = ("dropout", "drop_path", "state_dropout", "memory_dropout", "grad_checkpoint",
+                 "init_std", "scaled_residual_init", "dn_chunk", "moe_aux_weight",
+                 "moe_z_weight", "moe_pool_balance", "act_weight")
+
+
+def effective(cfg: Config) -> dict:
+    """What decides a model's outputs, field by field as it takes effect: defaults resolved
+    (n_kv_head None is n_head), the per-layer layout instead of the patterns that make it (last),
+    and the fields of features cfg does not use left out. Two configs with equal effective()
+    compute the same function of the same weights."""
+    if cfg.architecture == "encoder_decoder":
+        stacks = {f"{part}.{k}": v for part in ("encoder", "decoder")
+                  for k, v in effective(stack_config(cfg, part)).items()}
+        return {"architecture": cfg.architecture,
+                "decoder_start_token_id": cfg.decoder_start_token_id, **stacks}
+    layers = layer_types(cfg)
+    mixers, ffns = {m for m, _ in layers}, {f for _, f in layers}
+    rope, scaling = cfg.position == "rope", cfg.rope_scaling
+    resolved = {"n_kv_head": cfg.kv_heads, "head_dim": cfg.hs, "d_ff": cfg.ffn_dim,
+                "ffn_bias": cfg.ffn_biased, "attn_scale": cfg.attn_scale or cfg.hs ** -0.5,
+                "layer_groups": cfg.layer_groups or cfg.n_layer, "moe_d_ff": cfg.moe_d_ff or
+                cfg.ffn_dim, "dn_v_heads": cfg.dn_v_heads or cfg.dn_heads,
+                "dn_v_head_dim": cfg.dn_v_head_dim or cfg.dn_head_dim,
+                # local layers: their own base unscaled, else the global one as it is scaled
+                "rope_local_theta": (cfg.rope_local_theta, "none") if cfg.rope_local_theta
+                else (cfg.rope_theta, scaling)}
+    unused = {  # field -> it is read only by a feature cfg does not use
+        "sliding_window": "local_attn" not in mixers,
+        "rope_theta": not rope, "rope_scaling": not rope, "rope_fraction": not rope,
+        "rope_local_theta": not rope or "local_attn" not in mixers,
+        "rope_factor": not rope or scaling == "none",
+        "rope_original_max_len": not rope or scaling not in ("llama3", "dynamic"),
+        "rope_low_freq_factor": not rope or scaling != "llama3",
+        "rope_high_freq_factor": not rope or scaling != "llama3",
+        "pos_offset": cfg.position != "learned",
+        "rel_buckets": cfg.position not in ("relative_bias", "disentangled"),
+        "rel_max_distance": cfg.position not in ("relative_bias", "disentangled"),
+        "d_ff": "dense" not in ffns,
+        **{k: "deltanet" not in mixers for k in ("dn_heads", "dn_v_heads", "dn_head_dim",
+                                                 "dn_v_head_dim", "dn_conv")},
+        **{k: "moe" not in ffns for k in ("n_expert", "moe_top_k", "moe_d_ff", "moe_router",
+                                          "moe_renorm", "moe_shared_d_ff")},
+        "moe_capacity": "moe" not in ffns or cfg.moe_router != "expert_choice",
+        "norm_unit_offset": cfg.norm != "rmsnorm", "norm_bias": cfg.norm != "layernorm",
+        **{k: not cfg.block_width for k in ("recurrent_layers", "n_states", "state_gate",
+                                            "state_forget_bias", "compress_factor",
+                                            "compress_slots")},
+        "pos_bias_dim": cfg.position != "dynamic_bias",
+        "act_threshold": not cfg.act,
+        **dict.fromkeys(("encoder", "decoder", "decoder_start_token_id", "layer_pattern",
+                         "attention_type", "hybrid_ratio", "ffn_pattern") + TRAINING_ONLY,
+                        True),
+    }
+    out = {f.name: resolved.get(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+           if not unused.get(f.name)}
+    return {**out, "layers": [f"{m}+{f}" for m, f in layers]}
+
+
+def same(a, b):
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-9)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def family_config(family, cfg: Config):
+    """(config.json fields, the import's Config of them) for one family: its inverse, then its
+    import translation, with what the import decides from the weights (a tied head, BERT's NSP
+    head) taken from cfg where the family can hold it either way."""
+    hf = EXPORTS[family][0](cfg)
+    make_config, keys, reshapes = FAMILIES[family]
+    raw = make_config(hf)
+    keys = EXPORT_KEYS[family](cfg) if family in EXPORT_KEYS else keys
+    raw["tie_embeddings"] = cfg.tie_embeddings if any(
+        v.endswith("lm_head.weight") for v in keys.values()) else True
+    if masked_lm_heads in reshapes:
+        raw["cls_head"] = cfg.cls_head
+    return hf, raw
+
+
+def hf_config(cfg: Config):
+    """(model_type, config.json fields, the import's Config fields) of the first HF family whose
+    round trip (family_config) gives back every effective field of cfg: that family computes
+    exactly what cfg does. If none does, a one-line ValueError names the first field that no
+    family has (or, when each field is in some family, where the nearest one differs)."""
+    want, misses = effective(cfg), {}
+    for family in EXPORTS:
+        try:
+            hf, raw = family_config(family, cfg)
+            got = effective(Config.from_dict(raw))
+        except (KeyError, ValueError, TypeError):  # the family cannot take these values at all
+            misses[family] = list(want)
+            continue
+        misses[family] = [k for k in want if not same(want[k], got.get(k))]
+        if not misses[family]:
+            return family, hf, raw
+    field = next((k for k in want if all(k in m for m in misses.values())), None)
+    if field is not None:
+        raise ValueError(f"no HF family expresses this config: none of {', '.join(EXPORTS)} has "
+                         f"{field}={want[field]!r}; keep it as an anyformer checkpoint")
+    near = min(misses, key=lambda f: len(misses[f]))
+    raise ValueError(f"no HF family expresses this config: each field is in some family, but "
+                     f"the nearest, {near}, differs in {', '.join(misses[near])}; keep it as an "
+                     f"anyformer checkpoint")
+
+
+def merge_qkv(sd, cfg):  # split_qkv inverted
+    for name in [n for n in sd if ".mixer.q_proj." in n]:
+        sd[name.replace("q_proj", "qkv")] = torch.cat(
+            [sd.pop(name.replace("q_proj", f"{p}_proj")) for p in "qkv"])
+
+
+def unstack_experts(sd, cfg):  # stack_experts inverted: (E, out, in) -> one matrix per expert
+    for name in [n for n in sd if re.search(r"\.ffn\.(gate|up|down)$", n)]:
+        stem, part = name.rsplit(".", 1)
+        for e, w in enumerate(sd.pop(name).unbind(0)):
+            sd[f"{stem}.experts.{e}.{part}.weight"] = w
+
+
+def split_deltanet_in_proj(sd, cfg):  # merge_deltanet_in_proj inverted: rows grouped per key head
+    nk, dk, dv = cfg["dn_heads"], cfg["dn_head_dim"], cfg["dn_v_head_dim"]
+    r = cfg["dn_v_heads"] // nk
+    for name in [n for n in sd if n.endswith("mixer.in_proj.weight")]:
+        q, k, v, z, b, a = (p.unflatten(0, (nk, -1)) for p in sd.pop(name).split(
+            [nk * dk, nk * dk, nk * r * dv, nk * r * dv, nk * r, nk * r]))  # each (nk, rows, C)
+        stem = name.removesuffix(".weight")
+        sd[f"{stem}_qkvz"] = torch.cat([q, k, v, z], 1).flatten(0, 1)
+        sd[f"{stem}_ba"] = torch.cat([b, a], 1).flatten(0, 1)
+
+
+def unflatten_logits_bias(sd, cfg):  # flatten_logits_bias inverted: BART's (1, V) buffer
+    sd["decoder.lm_head.bias"] = sd["decoder.lm_head.bias"][None]
+
+
+UNDO = {transpose_conv1d: transpose_conv1d, split_qkv: merge_qkv,  # each reshape's inverse
+        stack_experts: unstack_experts, merge_deltanet_in_proj: split_deltanet_in_proj,
+        flatten_logits_bias: unflatten_logits_bias,
+        masked_lm_heads: lambda sd, cfg: None}  # config only: the heads are there or not
+
+
+def invert(keys):
+    """A key table the other way: our template -> (HF template, which HF index each of ours
+    fills). The first HF name of ours wins; an HF index ours lacks is 0 (ALBERT's inner layer,
+    T5's one relative bias at block 0, layer 0)."""
+    out = {}
+    for hf, ours in keys.items():
+        fields = [f for _, f, _, _ in string.Formatter().parse(ours) if f is not None]
+        out.setdefault(re.sub(r"\{\d*\}", "{}", ours),
+                       (hf, [int(f) if f else i for i, f in enumerate(fields)]))
+    return out
+
+
+def hf_name(name, table):
+    """One of our names -> its HF name through an inverted table, or None: the name as it is,
+    then every number a {}, then only the first (as rename reads them)."""
+    parts = name.split(".")
+    numbers = [p for p in parts if p.isdigit()]
+    every = ".".join("{}" if p.isdigit() else p for p in parts)
+    first = name
+    if numbers:
+        i = parts.index(numbers[0])
+        first = ".".join(parts[:i] + ["{}"] + parts[i + 1:])
+    for template, args in ((name, []), (every, numbers), (first, numbers[:1])):
+        if template in table:
+            hf, slots = table[template]
+            values = ["0"] * hf.count("{}")
+            for value, slot in zip(args, slots):
+                values[slot] = value
+            return hf.format(*values)
+    return None
+
+
+def hf_weights(model, family, raw) -> dict:
+    """The model's weights under the family's HF names, each tensor once (a tied head and an
+    encoder-decoder's second embedding name are left to HF's tying, as save_pretrained does)."""
+    params = dict(model.named_parameters())          # a shared parameter once, its first name
+    every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    sd = {n: t.detach() for n, t in model.state_dict().items() if n in params or n not in every}
+    for reshape in reversed(FAMILIES[family][2]):
+        UNDO[reshape](sd, raw)
+    keys = EXPORT_KEYS[family](model.config) if family in EXPORT_KEYS else FAMILIES[family][1]
+    table, out = invert(keys), {}
+    for name, t in sd.items():
+        hf = hf_name(name, table)
+        if hf is None:
+            raise ValueError(f"our weight {name} has no name in HF's {family} layout; this "
+                             f"model cannot be exported")
+        out[hf] = t.to("cpu", copy=True).contiguous()  # own storage: safetensors refuses views
+    return out
+
+
+def write_atomically(path: Path, write):
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def check_target(hf_dir: Path):
+    """A directory save_pretrained may write: weight files of another model there (shards, an
+    index) would be read with or instead of the new model.safetensors."""
+    stale = sorted(p.name for p in hf_dir.glob("*.safetensors*") if p.name != "model.safetensors")
+    if stale:
+        raise ValueError(f"{hf_dir} holds other weight files ({', '.join(stale[:3])}) that a "
+                         f"loader would read with or instead of the new model.safetensors; pass "
+                         f"an empty or new directory")
+
+
+def save_pretrained(model, hf_dir, tokenizer=None, token_ids=None):
+    """Write model as a HF-format directory that transformers' Auto classes load (CausalLM,
+    MaskedLM or PreTraining, Seq2SeqLM): config.json, model.safetensors and, for a tokenizer made
+    from a HF tokenizer.json (data/tokenizers.py), that tokenizer.json. The family is the first
+    that computes exactly what model.config does (hf_config); a config none expresses is a
+    one-line ValueError naming the field. token_ids: config.json's bos/eos/pad ids (e.g. those
+    of the directory the model came from). Each file is written atomically."""
+    from safetensors.torch import save_file  # lazy, as in the import
+    family, hf, raw = hf_config(model.config)
+    tok_json = None
+    if tokenizer is not None:
+        meta = getattr(tokenizer, "meta", None) or {}
+        if meta.get("kind") != "hf":
+            raise ValueError(f"tokenizer of kind {meta.get('kind')!r} was not made from a HF "
+                             f"tokenizer.json, so there is none to write; pass tokenizer=None")
+        tok_json = meta["json"]
+    hf_dir = Path(hf_dir)
+    check_target(hf_dir)
+    weights = hf_weights(model, family, raw)
+    dtype = next(iter(weights.values())).dtype
+    head = EXPORTS[family][1]
+    unknown = dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id"))  # not HF's defaults
+    config = {**unknown, **(token_ids or {}), **hf, "model_type": family,
+              "architectures": [head.replace("ForMaskedLM", "ForPreTraining")
+                                if model.config.cls_head else head],
+              "dtype": str(dtype).removeprefix("torch.")}
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(hf_dir / "model.safetensors",
+                     lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
+    write_atomically(hf_dir / "config.json",
+                     lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    if tok_json is not None:
+        write_atomically(hf_dir / "tokenizer.json", lambda tmp: tmp.write_text(tok_json))
+    return hf_dir

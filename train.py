@@ -8,17 +8,25 @@
   python train.py configs/t5_small.yaml --data=pairs.tsv  # seq2seq on source<TAB>target lines
   python train.py configs/brt_enwik8.yaml                 # block-recurrent, truncated BPTT
   python train.py --resume --out_dir=out --max_iters=4000 # continue exactly where ckpt.pt stopped
+  python train.py --init_from=path/to/hf_dir --data=my.txt --export=hf  # fine-tune a HF model
+  python train.py --init_from=out/ckpt_best.pt --data=my.txt --out_dir=out_ft
+  python train.py --init_from=path/to/hf_dir --data=my.txt --eval_only  # loss, perplexity only
   torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_small.yaml --tokenizer=gpt2
 
 Arguments: at most one YAML file, then --key=value overrides (a bare --flag means true). In the YAML
 file the model keys (model.Config) sit at the top level and the training keys (TrainConfig below) in
 a `train:` section; on the command line both are flat --key=value. Values are checked against the
-field types and ranges before anything is written. Without a YAML file (and without --resume) the
-model is configs/tiny.yaml. The objective follows the architecture (data/objectives.py): lm for a
-decoder, mlm for an encoder, span corruption for an encoder-decoder, or seq2seq when the data is a
-.tsv file of pairs.
+field types and ranges before anything is written. Without a YAML file (and without --resume or
+--init_from) the model is configs/tiny.yaml. The objective follows the architecture
+(data/objectives.py): lm for a decoder, mlm for an encoder, span corruption for an encoder-decoder,
+or seq2seq when the data is a .tsv file of pairs. --init_from starts from the weights, config and
+tokenizer of a checkpoint or a HF-format directory (model keys may then only change what keeps the
+weights' shapes: dropout, grad_checkpoint, a smaller block_size, ...); --resume continues such a
+run as any other.
 Writes to out_dir: ckpt.pt (last; resumable), ckpt_best.pt (weights of the best val loss),
-metrics.jsonl, data/ (the tokenised corpus) and, with --export, model_fp16.pt / model_bf16.pt.
+metrics.jsonl, data/ (the tokenised corpus) and, with --export, model_fp16.pt / model_bf16.pt or
+hf/ (config.json, model.safetensors, tokenizer.json: what transformers' Auto classes load).
+--eval_only writes nothing at all.
 Nothing is lost: a fresh run refuses an out_dir that holds another run's checkpoints (pass --resume,
 another --out_dir, or --overwrite=true), and a run replaces checkpoints already there only after its
 first step, so a run that fails early leaves them as they were.
@@ -31,7 +39,9 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 import types
 from contextlib import nullcontext
@@ -52,8 +62,18 @@ from data.objectives import (
     lm_batch,
     load_pairs,
     show,
+    special_ids,
 )
-from data.prepare import CORPORA, VAL_FRACTION, get_tokenizer, load_tokens, prepare
+from data.prepare import (
+    CORPORA,
+    VAL_FRACTION,
+    cached_meta,
+    fingerprint,
+    get_tokenizer,
+    load_tokens,
+    prepare,
+)
+from hf import check_target, from_pretrained, hf_config, read_json, save_pretrained
 from model import (
     Config,
     Transformer,
@@ -70,7 +90,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RESUMABLE = ("grad_checkpoint", "dropout", "drop_path", "state_dropout", "memory_dropout")
 # dense bf16 peak TFLOPS by GPU name, for MFU
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
-CHECKPOINTS = ("ckpt.pt", "ckpt_best.pt", "model_fp16.pt", "model_bf16.pt")  # what a run keeps
+CHECKPOINTS = ("ckpt.pt", "ckpt_best.pt", "model_fp16.pt", "model_bf16.pt", "hf")  # a run's
+EXPORTED = ("model_fp16.pt", "model_bf16.pt", "hf")  # written at a run's end, not on the way
 RESUME_KEYS = ("optimizer", "scaler", "iter", "best_val_loss", "tokens", "train_config", "rng")
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -81,15 +102,18 @@ class TrainConfig:
 
     # data
     data: str = "stdlib"              # stdlib | shakespeare | a UTF-8 text file | a prepared dir
-    tokenizer: str = "char"           # char | byte | bpe | a tiktoken encoding (gpt2, ...)
+    tokenizer: str = "auto"           # auto (init_from's, or char) | char | byte | bpe | hf:PATH
     bpe_vocab_size: int = 1024        # vocabulary trained on the text when tokenizer is bpe
     # objective (data/objectives.py)
     objective: str = "auto"           # auto (by architecture) | lm | mlm | span | seq2seq
     pair_task: str = "auto"           # mlm's cls head: auto (nsp if cls_head) | none | nsp | sop
     segments: int = 1                 # block-recurrent: calls per window, state carried, BPTT cut
+    # starting point: fine-tuning
+    init_from: str | None = None      # start from a ckpt.pt, a ckpt_best.pt or a HF-format dir
     # output, evaluation, sampling
     out_dir: str = "out"
     resume: bool = False              # continue out_dir/ckpt.pt: weights, optimizer, RNG, data
+    eval_only: bool = False           # load (init_from or resume), evaluate once, write nothing
     overwrite: bool = False           # let a fresh run replace another run's checkpoints in out_dir
     eval_interval: int = 250
     eval_iters: int = 20              # batches per split per evaluation
@@ -97,7 +121,7 @@ class TrainConfig:
     sample_tokens: int = 256          # sampled after training (absolute positions: to block_size)
     sample_prompt: str = "\n"
     sample_temperature: float = 0.8
-    export: str = "none"              # none | fp16 | bf16: also write model_<export>.pt (weights)
+    export: str = "none"              # none | fp16 | bf16 (model_<export>.pt) | hf (out_dir/hf/)
     # batch: tokens per step = batch_size * grad_accum * world size * block_size
     batch_size: int = 16
     grad_accum: int = 1
@@ -127,7 +151,7 @@ class TrainConfig:
             setattr(self, f.name, check_type(f.name, getattr(self, f.name), f.type))
         check_choice("optimizer", self.optimizer, ("adamw", "muon"))
         check_choice("dtype", self.dtype, ("auto", *DTYPES))
-        check_choice("export", self.export, ("none", "fp16", "bf16"))
+        check_choice("export", self.export, ("none", "fp16", "bf16", "hf"))
         check_choice("objective", self.objective, ("auto", *OBJECTIVES))
         check_choice("pair_task", self.pair_task, ("auto", *PAIR_TASKS))
         finite = lambda v: v is None or math.isfinite(v)
@@ -155,6 +179,13 @@ class TrainConfig:
             "seed": (0 <= self.seed < 2 ** 63, "in [0, 2**63)"),
             "data": (self.data != "", "a text file, a prepared directory or a corpus name"),
             "out_dir": (self.out_dir != "", "a directory"),
+            "init_from": (self.init_from != "", "a checkpoint file or a HF-format directory, or "
+                          "null"),
+            "eval_only": (not self.eval_only or self.init_from is not None or self.resume,
+                          "false unless there are weights to evaluate: pass --init_from=PATH or "
+                          "--resume"),
+            "export": (not self.eval_only or self.export == "none",
+                       "none with eval_only=true, which writes nothing"),
         }
         for key, (ok, allowed) in rules.items():
             if not ok:
@@ -220,7 +251,9 @@ def parse_config(argv):
                for a in argv if a.startswith("--"))
     bare = {a[2:] for a in argv if a.startswith("--") and "=" not in a}  # --flag: true
     resume = str(cli.get("resume", "false")).lower() in ("true", "1", "yes")
-    path = files[0] if files else None if resume else DEFAULT_MODEL
+    init = str(cli.get("init_from", "null")).lower() not in ("null", "none")
+    # a run that loads weights takes its model from them, not from configs/tiny.yaml
+    path = files[0] if files else None if resume or init else DEFAULT_MODEL
     raw = read_yaml(path) if path is not None else {}
     section = raw.pop("train", None) or {}
     if not isinstance(section, dict):
@@ -274,13 +307,16 @@ def parse_config(argv):
         differ = {k: (ckpt["config"].get(k), v) for k, v in model_keys.items()
                   if k not in RESUMABLE and Config.from_dict({**ckpt["config"], k: v})
                   != Config.from_dict(ckpt["config"])}
-        if "optimizer" in train and train["optimizer"] != ckpt["train_config"]["optimizer"]:
-            differ["optimizer"] = (ckpt["train_config"]["optimizer"], train["optimizer"])
+        for key in ("optimizer", "init_from"):  # a resumed run keeps its optimizer and start
+            if key in train and train[key] != ckpt["train_config"].get(key):
+                differ[key] = (ckpt["train_config"].get(key), train[key])
         if differ:
             what = ", ".join(f"{k}={old!r} (this run: {new!r})" for k, (old, new) in differ.items())
             raise ValueError(f"cannot resume {ckpt_path}: it was trained with {what}; pass the "
                              f"same model config and optimizer, or a new --out_dir")
-        train = {**ckpt["train_config"], **train}
+        given, train = set(train), {**ckpt["train_config"], **train}
+        if train.get("eval_only") and "export" not in given:  # evaluating exports nothing
+            train["export"] = "none"
         if train.get("max_iters", TrainConfig.max_iters) < ckpt["iter"]:
             raise ValueError(f"cannot resume {ckpt_path} at iter {ckpt['iter']} with "
                              f"max_iters={train['max_iters']}; pass --max_iters={ckpt['iter']} "
@@ -310,14 +346,16 @@ def check_run(tc: TrainConfig, arch: Config, objective: str, pair_task: str):
     Returns the checkpoints already in out_dir."""
     out_dir = Path(tc.out_dir)
     parent = next(p for p in (out_dir, *out_dir.parents) if p.exists())
-    if not parent.is_dir():
+    if tc.eval_only:  # writes nothing: out_dir need not be writable, its checkpoints stay
+        parent = None
+    elif not parent.is_dir():
         where = "is a file" if parent == out_dir else f"is inside {parent}, a file"
         raise ValueError(f"out_dir={tc.out_dir!r} {where}, not a directory; pass another --out_dir")
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if parent and not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"out_dir={tc.out_dir!r} cannot be written ({parent}: permission denied); "
                          f"pass another --out_dir")
     found = [name for name in CHECKPOINTS if (out_dir / name).exists()]
-    if found and not (tc.resume or tc.overwrite):
+    if found and not (tc.resume or tc.overwrite or tc.eval_only):
         raise ValueError(f"out_dir={tc.out_dir!r} holds {', '.join(found)} from another run; pass "
                          f"--resume to continue it, another --out_dir, or --overwrite=true to "
                          f"replace it")
@@ -339,7 +377,89 @@ def check_run(tc: TrainConfig, arch: Config, objective: str, pair_task: str):
         raise ValueError(f"segments={K} runs positions up to {K * T - 1}, past the {arch.position} "
                          f"position table of block_size={T}; use position: rope or dynamic_bias, "
                          f"or segments=1")
+    if tc.export == "hf":  # the family is matched now: no run ends in an export that cannot be
+        try:
+            hf_config(arch)
+            check_target(out_dir / "hf")
+        except ValueError as e:
+            raise ValueError(f"export=hf: {e}") from None
     return found
+
+
+class Init(NamedTuple):
+    """What --init_from starts a run from."""
+    config: dict                      # the model's Config fields
+    model: dict                       # its state dict (named as in a checkpoint)
+    tokenizer: str | None             # the --tokenizer that rebuilds its tokenizer; None: none does
+    tokenizer_meta: dict | None       # that tokenizer as the data must give it back (char, bpe)
+    token_ids: dict                   # a HF directory's bos/eos/pad ids, for --export=hf
+
+
+# a checkpoint's tokenizer -> the --tokenizer name that makes it again; char and bpe are fitted to
+# the text they are prepared from, so train() checks that the data gives them back unchanged
+TOKENIZER_NAMES = {"byte": lambda meta: "byte", "tiktoken": lambda meta: meta["name"],
+                   "char": lambda meta: "char", "bpe": lambda meta: "bpe"}
+HF_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def load_init(path) -> Init:
+    """--init_from: a HF-format directory (hf.from_pretrained, its tokenizer.json if it has one) or
+    a checkpoint of ours (ckpt.pt, ckpt_best.pt, an fp16/bf16 export; its tokenizer)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"init_from={str(path)!r} is a directory without config.json, so not "
+                             f"a HF-format one; pass such a directory, or a checkpoint file (e.g. "
+                             f"{path / 'ckpt_best.pt'})")
+        model = from_pretrained(path)
+        source = read_json(path / "config.json")
+        source = {**source, **source.get("text_config", {})}  # multimodal: the text model's ids
+        tok = f"hf:{path}" if (path / "tokenizer.json").is_file() else None
+        return Init(dataclasses.asdict(model.config), model.state_dict(), tok, None,
+                    {k: source[k] for k in HF_TOKEN_IDS if source.get(k) is not None})
+    ckpt = load_checkpoint(path)
+    meta = ckpt.get("tokenizer")
+    name = TOKENIZER_NAMES[meta["kind"]](meta) if meta and meta["kind"] in TOKENIZER_NAMES else None
+    return Init(ckpt["config"], ckpt["model"], name, meta, ckpt.get("hf_token_ids") or {})
+
+
+def shapes(raw: dict) -> dict:
+    """Every weight's shape in a model of these Config fields (built on the meta device: no memory,
+    no time)."""
+    with torch.device("meta"):
+        return {k: v.shape for k, v in Transformer(Config.from_dict(raw)).state_dict().items()}
+
+
+def croppable(got, want):
+    """A table the weights hold with more rows than the model now has: a learned position table
+    under a smaller block_size, cut to its first rows (nanoGPT's crop_block_size)."""
+    return len(got) == len(want) and got[0] > want[0] and got[1:] == want[1:]
+
+
+def check_overrides(init: Init, model_keys: dict, source):
+    """init_from: model keys may change what the weights do (dropout, drop_path, grad_checkpoint,
+    ...), or crop a position table, but not a weight's shape: the first key that does is a one-line
+    error."""
+    want = shapes(init.config)
+    for key, value in model_keys.items():
+        got = shapes({**init.config, key: value})
+        crop = key == "block_size"
+        if got.keys() != want.keys() or any(got[k] != v and not (crop and croppable(v, got[k]))
+                                            for k, v in want.items()):
+            raise ValueError(f"{key}={value!r} changes the shape of weights that init_from="
+                             f"{source} holds (there {key}={init.config.get(key)!r}); drop it to "
+                             f"fine-tune those weights, or train a new model without init_from")
+
+
+def check_vocab(vocab_size, arch: Config, tok, objective, source):
+    """init_from: the weights fix the vocabulary, so the tokenizer's ids (and the objective's
+    special tokens after them) must fit it."""
+    if vocab_size > arch.vocab_size:
+        extra = vocab_size - tok.vocab_size
+        specials = f" + {extra} special tokens of objective {objective}" if extra else ""
+        raise ValueError(f"the tokenizer's {tok.vocab_size} ids{specials} do not fit the "
+                         f"{arch.vocab_size} embeddings of init_from={source}; pass a --tokenizer "
+                         f"with at most {arch.vocab_size - extra} ids (byte has 256)")
 
 
 class Env(NamedTuple):
@@ -412,25 +532,27 @@ def read_meta(data_dir):
     return meta
 
 
-def load_data(tc: TrainConfig, arch: Config, objective: str, ckpt, env: Env):
+def load_data(tc: TrainConfig, arch: Config, objective: str, env: Env, scratch=None):
     """(tokenizer, {"train": ..., "val": ...}): the corpus tokenised once into out_dir/data by
     rank 0, then mapped by every rank, or the source/target pairs of a .tsv file for seq2seq.
     Token ids are checked against the tokenizer here, once, so that no step needs a device sync
-    to check them; a resumed run's tokenizer must be the checkpoint's."""
+    to check them. With a scratch directory (eval_only, which writes nothing) data that out_dir
+    does not hold prepared yet is prepared there, by every rank."""
     if (Path(tc.data) / "meta.json").is_file():
         data_dir = Path(tc.data)
     else:
-        data_dir = Path(tc.out_dir) / "data" / data_dir_name(tc.data, tc.tokenizer)
-        if env.master:
+        name = data_dir_name(tc.data, tc.tokenizer)
+        data_dir = Path(tc.out_dir) / "data" / name
+        stamp = fingerprint(tc.data, tc.tokenizer, tc.bpe_vocab_size)
+        if scratch and not (stamp and cached_meta(data_dir / "meta.json").get("fingerprint")
+                            == stamp):
+            data_dir = Path(scratch) / name  # not prepared in out_dir yet
+        if env.master or scratch:
             prepare(tc.data, data_dir, tc.tokenizer, tc.bpe_vocab_size)
         if env.distributed:
             dist.barrier()
     meta = read_meta(data_dir)
     tok = get_tokenizer(meta["tokenizer"])
-    if ckpt is not None and ckpt["tokenizer"] != tok.meta:
-        raise ValueError(f"cannot resume {Path(tc.out_dir) / 'ckpt.pt'}: its tokenizer "
-                         f"({ckpt['tokenizer']['kind']}) differs from the one prepared for "
-                         f"data={tc.data!r}; pass the data it was trained on")
     if objective == "seq2seq":  # source<TAB>target lines (the tokenizer was fitted to the file)
         pairs = load_pairs(tc.data, tok)
         n_val = int(len(pairs) * VAL_FRACTION)
@@ -643,16 +765,26 @@ def save_checkpoints(out_dir, model, optimizers, scaler, data_gen, progress, imp
             save_checkpoint(out_dir / "ckpt_best.pt", state, iter=progress["iter"],
                             val_loss=progress["best_val_loss"], **meta)
         for name in replaced:
-            (out_dir / name).unlink(missing_ok=True)
+            path = out_dir / name
+            if path.is_dir():  # hf/
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
 
 
-def report_eval(metrics, it, losses, bits, improved, env: Env):
-    """The eval line and its metrics record; bits=True (a loss per byte) adds bits per byte."""
+def report_eval(metrics, it, losses, bits, ppl, improved, env: Env):
+    """The eval line and its metrics record; ppl=True (a mean loss per token) adds perplexity,
+    bits=True (a loss per byte) bits per byte."""
     record = {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"]}
+    if ppl:
+        record.update(train_ppl=math.exp(losses["train"]), val_ppl=math.exp(losses["val"]))
     if bits:
         record.update(train_bpb=losses["train"] / math.log(2), val_bpb=losses["val"] / math.log(2))
     if env.master:
-        print(f"eval iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+        line = ", ".join(f"{split} loss {losses[split]:.4f}"
+                         + (f" (ppl {record[f'{split}_ppl']:.2f})" if ppl else "")
+                         for split in ("train", "val"))
+        print(f"eval iter {it}: {line}"
               + (f", val {record['val_bpb']:.4f} bits/byte" if bits else "")
               + (" (best)" if improved else ""))
     metrics.write(**record)
@@ -741,6 +873,21 @@ def export(path, model, dtype, meta, tc: TrainConfig, env: Env):
         print(f"wrote {path} ({tc.export} weights)")
 
 
+def export_hf(path, model, tok, token_ids, tc: TrainConfig, env: Env):
+    """out_dir/hf: a HF-format directory (hf.save_pretrained), with the tokenizer.json the
+    tokenizer came from; every rank takes part (FSDP gathers its shards)."""
+    state, _ = full_state(model, [], tc)
+    if env.master:
+        if tc.fsdp:  # whole tensors in a plain module: save_pretrained reads its parameters
+            model = Transformer(model.config)
+            model.load_state_dict(state.state_dict())
+        hf_tok = tok if tok.meta["kind"] == "hf" else None
+        save_pretrained(model, path, hf_tok, token_ids)
+        family = json.loads((path / "config.json").read_text())["model_type"]
+        print(f"wrote {path} (HF {family}: config.json, model.safetensors"
+              + (", tokenizer.json)" if hf_tok else ")"))
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 
@@ -764,8 +911,20 @@ def main(argv=None):
 def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
     """Sections 1-8: check, set up, loop, export, sample; main() returns what this returns."""
     # ------------------------------------------------------------------------------------------
-    # 1. Config, and every check that does not need the data: nothing is written before them
-    arch = Config.from_dict({**ckpt["config"], **model_keys} if ckpt is not None else model_keys)
+    # 1. Config, and every check that does not need the data: nothing is written before them.
+    #    Weights come from the resumed checkpoint, or init_from (whose tokenizer is the default)
+    init = load_init(tc.init_from) if tc.init_from is not None and ckpt is None else None
+    if init is not None:
+        check_overrides(init, model_keys, tc.init_from)
+        if tc.tokenizer == "auto" and init.tokenizer is None:
+            raise ValueError(f"init_from={tc.init_from} brings no tokenizer a name can rebuild "
+                             f"(a HF directory without tokenizer.json, or a checkpoint's HF one): "
+                             f"pass --tokenizer (hf:PATH, byte, ...), its ids within vocab_size="
+                             f"{init.config['vocab_size']}")
+    if tc.tokenizer == "auto":
+        tc = dataclasses.replace(tc, tokenizer=init.tokenizer if init is not None else "char")
+    source = ckpt or (init._asdict() if init is not None else None)
+    arch = Config.from_dict({**source["config"], **model_keys} if source else model_keys)
     objective = default_objective(arch, tc.data) if tc.objective == "auto" else tc.objective
     pair_task = tc.pair_task if tc.pair_task != "auto" else \
         "nsp" if objective == "mlm" and arch.cls_head else "none"
@@ -778,26 +937,57 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
 
     # ------------------------------------------------------------------------------------------
-    # 3. Data: tokenised once into out_dir/data, or the source/target pairs
-    tok, splits = load_data(tc, arch, objective, ckpt, env)
+    # 3. Data: tokenised once into out_dir/data, or the source/target pairs; the tokenizer must be
+    #    the one the loaded weights were trained with
+    scratch = tempfile.TemporaryDirectory() if tc.eval_only else None  # eval_only writes nothing
+    tok, splits = load_data(tc, arch, objective, env, scratch and scratch.name)
+    if ckpt is not None and ckpt["tokenizer"] != tok.meta:
+        raise ValueError(f"cannot resume {out_dir / 'ckpt.pt'}: its tokenizer "
+                         f"({ckpt['tokenizer']['kind']}) differs from the one prepared for "
+                         f"data={tc.data!r}; pass the data it was trained on")
+    if init is not None and init.tokenizer_meta not in (None, tok.meta) \
+            and tc.tokenizer == init.tokenizer:
+        raise ValueError(f"init_from={tc.init_from}'s {tok.meta['kind']} tokenizer is fitted to "
+                         f"the text it was trained on, and data={tc.data!r} gives another; "
+                         f"fine-tune on text that gives the same vocabulary, or pass a "
+                         f"--tokenizer whose ids fit vocab_size={arch.vocab_size}")
 
     # ------------------------------------------------------------------------------------------
     # 4. Model: the tokenizer's ids, then the objective's special tokens (data/objectives.py); the
     #    decoder starts from our [PAD], not the YAML's HF tokenizer id
     need = {"vocab_size": tok.vocab_size, **config_overrides(objective, tok.vocab_size)}
     need["vocab_size"] = model_keys.get("vocab_size", need["vocab_size"])
-    cfg = arch if ckpt is not None else Config.from_dict({**model_keys, **need})
+    if init is not None:  # the weights fix the vocabulary; the objective's other keys keep shapes
+        check_vocab(need.pop("vocab_size"), arch, tok, objective, tc.init_from)
+        cfg = dataclasses.replace(arch, **{k: v for k, v in need.items() if k not in model_keys})
+    else:
+        cfg = arch if ckpt is not None else Config.from_dict({**model_keys, **need})
     check_objective(objective, cfg, tok.vocab_size, pair_task)
     model = raw_model = Transformer(cfg).to(env.device)  # raw_model: unwrapped, saved and sampled
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+    if source is not None:  # (a position table longer than block_size: its first rows)
+        want = model.state_dict()
+        model.load_state_dict({k: v[:len(want[k])] if k in want and v.shape != want[k].shape
+                               else v for k, v in source["model"].items()})
     if env.master:
         task = objective + (f" + {pair_task}" if pair_task != "none" else "")
         unit = "pairs" if objective == "seq2seq" else "tokens"
+        start = f"; from {tc.init_from}" if init is not None else ""
         print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, {cfg.architecture}, objective "
-              f"{task}; {tok.meta.get('name', tok.meta['kind'])} tokenizer, vocab "
+              f"{task}{start}; {tok.meta.get('name', tok.meta['kind'])} tokenizer, vocab "
               f"{tok.vocab_size}; {len(splits['train']):,} train / {len(splits['val']):,} val "
               f"{unit}; {env.device} {env.dtype}, world {env.world}")
+    T, K = cfg.block_size, tc.segments
+    make = (lambda d, rows, gen: lm_batch(d, rows, gen, K * T)) if K > 1 else \
+        (lambda d, rows, gen: OBJECTIVES[objective](d, rows, gen, cfg, tok.vocab_size, pair_task))
+    batches = lambda split, gen, n: get_batch(splits[split], gen, n, make, tc, env, raw_model)
+    bits = tok.meta["kind"] == "byte" and objective == "lm"  # a loss per byte: also bits per byte
+    ppl = pair_task == "none"  # a mean loss per token (NSP/SOP add a sentence-level loss)
+    if tc.eval_only:
+        losses = estimate_loss(model, batches, tc, env)
+        report_eval(Metrics(None, False), ckpt["iter"] if ckpt else 0, losses, bits, ppl, False,
+                    env)
+        scratch.cleanup()
+        return {"model": raw_model, "val_loss": losses["val"], "sample": None}
     # the end-of-run sample, rehearsed with one token: what it would refuse is refused now
     no_sample = cannot_sample(raw_model, objective)
     if no_sample is None:
@@ -829,19 +1019,19 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
 
     # ------------------------------------------------------------------------------------------
     # 7. Training loop
-    T, K = cfg.block_size, tc.segments
-    make = (lambda d, rows, gen: lm_batch(d, rows, gen, K * T)) if K > 1 else \
-        (lambda d, rows, gen: OBJECTIVES[objective](d, rows, gen, cfg, tok.vocab_size, pair_task))
-    batches = lambda split, gen, n: get_batch(splits[split], gen, n, make, tc, env, raw_model)
     meta = {"tokenizer": tok.meta, "objective": objective, "pair_task": pair_task}
-    bits = tok.meta["kind"] == "byte" and objective == "lm"  # a loss per byte: also bits per byte
+    # a HF directory's bos/eos/pad ids, kept for --export=hf (resumed and re-initialised runs too)
+    token_ids = init.token_ids if init is not None else ckpt.get("hf_token_ids", {}) if ckpt \
+        else {}
+    if token_ids:
+        meta["hf_token_ids"] = token_ids
     tokens_per_iter = tc.batch_size * tc.grad_accum * env.world * K * T
     # MFU: 6N + 12 L H hs T FLOPs per token (PaLM, appendix B) against the accelerator's peak
     flops_per_token = 6 * raw_model.get_num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.hs * T
     gpu_name = torch.cuda.get_device_name() if env.device_type == "cuda" else ""
     peak = tc.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in gpu_name), None)
     start = iter_num
-    replaced = [name for name in kept if name.startswith("model_")] if ckpt is None else []
+    replaced = [name for name in kept if name in EXPORTED] if ckpt is None else []
     last_good = f"{out_dir / 'ckpt.pt'} (iter {start}) is the last good checkpoint" if ckpt \
         else f"{out_dir} holds {', '.join(kept) or 'no checkpoint'}, as before this run"
     val_loss, t_log, iters_logged = None, time.time(), 0
@@ -859,7 +1049,7 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
             saving = iter_num > start or not kept
             improved = saving and val_loss < best_val
             best_val = val_loss if improved else best_val
-            report_eval(metrics, iter_num, losses, bits, improved, env)
+            report_eval(metrics, iter_num, losses, bits, ppl, improved, env)
             if saving:
                 progress = {"iter": iter_num, "best_val_loss": best_val, "tokens": tokens_seen}
                 save_checkpoints(out_dir, raw_model, optimizers, scaler, data_gen, progress,
@@ -906,7 +1096,12 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
 
     # ------------------------------------------------------------------------------------------
     # 8. Export, then sample (every rank: FSDP shards need all of them; rank 0 prints)
-    if tc.export != "none":
+    if tc.export == "hf":  # our special tokens' ids where an objective other than lm added them
+        sp = special_ids(tok.vocab_size)
+        ids = token_ids if objective == "lm" else {"pad_token_id": sp["[PAD]"],
+                                                   "eos_token_id": sp["[EOS]"]}
+        export_hf(out_dir / "hf", raw_model, tok, ids, tc, env)
+    elif tc.export != "none":
         export(out_dir / f"model_{tc.export}.pt", raw_model, DTYPES[tc.export], meta, tc, env)
     # an encoder-decoder's generate() encodes outside forward(), where FSDP would not gather
     if tc.fsdp and cfg.architecture == "encoder_decoder":
