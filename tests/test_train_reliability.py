@@ -103,7 +103,7 @@ BAD = [
     (["--out_dir"], ["--out_dir needs a value: --out_dir=..."]),
     (["--max_iters", "100"], ["expected at most one YAML config file", "(with '='); got ['100']"]),
     (["--dtype=fp8"], ["dtype='fp8' is not one of"]),
-    (["--export=fp8"], ["export='fp8' is not one of ['bf16', 'fp16', 'none']"]),
+    (["--export=fp8"], ["export='fp8' is not one of ['bf16', 'fp16', 'hf', 'none']"]),
     (["--optimizer=sgd"], ["optimizer='sgd' is not one of ['adamw', 'muon']"]),
     (["--device=gpu"], ["device='gpu' is not auto, cpu, cuda, cuda:N or mps", "a GPU is cuda"]),
     (["--device=cuda"], ["device='cuda' but torch finds no CUDA GPU", "--device=cpu"]),
