@@ -151,8 +151,8 @@ class Config:
     n_states: int = 32                # state vectors per recurrent layer
     state_gate: str = "fixed"         # fixed | lstm
     state_forget_bias: float = 1.0    # initial forget bias: ~log(blocks to remember) (1804.11188)
-    state_dropout: float = 0.0        # training: a block reads the initial states instead, per row
-    memory_dropout: float = 0.0       # training: a block sees none of its memory, per row
+    state_dropout: float = 0.0        # training: a row's block reads the initial states instead
+    memory_dropout: float = 0.0       # training: a row's block sees no memory (in every layer)
     enhanced_recurrence: bool = False  # a layer's memory is the layer above's (ERNIE-Doc)
     compress_factor: int = 0          # blocks older than the memory pooled c:1 into slots (0: off)
     compress_slots: int = 16          # compressed slots a query reads, those before its memory
@@ -220,8 +220,9 @@ class Config:
              f"below n_layer={self.n_layer}, with block_width > 0"),
             (c and (not width or width % c), f"compress_factor={c} must divide a positive "
              f"block_width={width} (0 = off)"),
-            (self.enhanced_recurrence and not width, "enhanced_recurrence hands block memories "
-             "down the stack: it needs block-recurrent layers (block_width > 0)"),
+            ((self.enhanced_recurrence or self.memory_dropout or self.state_dropout) and not width,
+             "enhanced_recurrence, memory_dropout and state_dropout act on block memories and "
+             "states: they need block-recurrent layers (block_width > 0)"),
             (self.act and not self.n_layer, "act halts over the n_layer steps: set n_layer >= 1"),
             (self.emd_steps and (self.architecture != "encoder_only" or self.act or not self.n_layer
                                  or layer_types(self)[-1][0] not in ("attn", "local_attn")),
@@ -748,6 +749,8 @@ class Context(NamedTuple):
     position: Position | None = None   # the scheme, which makes each layer's bias (layer_bias)
     memory: torch.Tensor | None = None  # (B, S, C) keys' source: the encoder output (cross-
                                         # attention); or other states of this stack (EMD)
+    drops: torch.Tensor | None = None  # (2, B, blocks) training: the rows whose block drops its
+                                       # memories (0) and states (1), in every layer
 
 
 class KVCache(nn.Module):
@@ -963,7 +966,6 @@ class BlockAttention(Attention):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         self.width, self.c, self.slots = cfg.block_width, cfg.compress_factor, cfg.compress_slots
-        self.memory_dropout = cfg.memory_dropout
         self.pos_bias = DynamicPositionBias(cfg) if cfg.position == "dynamic_bias" else None
 
     def keys_and_mask(self, x, q, ctx, cache):
@@ -988,11 +990,9 @@ class BlockAttention(Attention):
             cache.store(k[:, :, ~old], v[:, :, ~old], kpos[~old])
         if self.c:
             k, v, kpos = torch.cat((ck, k), 2), torch.cat((cv, v), 2), torch.cat((cpos, kpos))
-        if self.training and self.memory_dropout:  # hide a block's whole memory, per row
+        if ctx.drops is not None:  # memory_dropout: hide the whole memory of a row's block
             qb = ctx.pos // w                                                # (T,)
-            n_blocks = int(qb[-1] - qb[0]) + 1
-            drop = torch.rand(x.shape[0], n_blocks, device=x.device) < self.memory_dropout
-            hidden = drop[:, qb - qb[0], None] & (kpos // w < qb[:, None])   # (B, T, S)
+            hidden = ctx.drops[0][:, qb - qb[0], None] & (kpos // w < qb[:, None])   # (B, T, S)
             mask = mask & ~hidden[:, None]                                   # (B, 1, T, S)
         if self.pos_bias is not None:  # a float mask: the bias, and -inf where masked
             mask = self.pos_bias(qpos - at).masked_fill(~mask, float("-inf"))
@@ -1042,7 +1042,6 @@ class RecurrentAttention(BlockAttention):
         self.o_tokens = nn.Linear(hidden, C, bias=cfg.bias)       # states' reading of the block
         self.state_ffn = FFNS[cfg.ffn](cfg)
         self.gate_1, self.gate_2 = StateGate(cfg), StateGate(cfg)
-        self.state_dropout = cfg.state_dropout
 
     def heads(self, t):                                     # (B, L, nh*hs) -> (B, nh, L, hs)
         return t.view(t.shape[0], t.shape[1], -1, self.hs).transpose(1, 2)
@@ -1061,9 +1060,9 @@ class RecurrentAttention(BlockAttention):
         reads, w = [], self.width
         for b in torch.unique_consecutive(ctx.pos // w).tolist():             # blocks in order
             rows = (ctx.pos // w == b).nonzero().flatten()
-            if self.training and self.state_dropout and int(ctx.pos[rows[0]]) % w == 0:
-                drop = torch.rand(B, 1, 1, device=x.device) < self.state_dropout  # whole states
-                states = torch.where(drop, self.init_states, states)  # of a row: the initial ones
+            if ctx.drops is not None and int(ctx.pos[rows[0]]) % w == 0:  # state_dropout: the
+                drop = ctx.drops[1][:, b - int(ctx.pos[0]) // w, None, None]  # row's block reads
+                states = torch.where(drop, self.init_states, states)  # the initial states
             sk, sv = self.project_kv(self.state_norm(states))                  # (B, nkv, N, hs)
             reads.append(attend(q[:, :, rows], sk, sv, scale=self.scale))
             if int(ctx.pos[rows[-1]]) % w == w - 1:                            # block complete
@@ -1633,6 +1632,11 @@ class Transformer(nn.Module):
         pad = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None
         x = self.embed(input_ids, pos, token_type_ids)                   # (B, T, C)
         ctx = {t: self.context(t, pos, cache, pad, decoding) for t in set(self.mixer_types)}
+        if self.training and (cfg.memory_dropout or cfg.state_dropout):  # one draw per row and
+            blocks = int(pos[-1]) // cfg.block_width - int(pos[0]) // cfg.block_width + 1  # block
+            p = torch.tensor([cfg.memory_dropout, cfg.state_dropout], device=x.device)
+            drops = torch.rand(2, B, blocks, device=x.device) < p[:, None, None]
+            ctx = {t: c._replace(drops=drops) for t, c in ctx.items()}
         cross = None
         if cfg.cross_attention:
             cross = self.cross_context(pos, decoding, memory, memory_mask)

@@ -8,8 +8,9 @@ cache; states change only at block ends; gradients reach the gates; attention is
 only the states carry information further back; generation equals greedy full forwards. With
 compressed memories (Rae et al. 2019, mean pooling) and the dynamic position bias, a block_attn
 layer equals a per-query naive form, one call still equals segments, the compressed memory stays
-bounded and reaches exactly its slots back, memory/state dropout act only in training, and gradients
-reach the bias MLP.
+bounded and reaches exactly its slots back, memory/state dropout act only in training (whole
+memories and states, per row), and gradients reach the bias MLP. Enhanced recurrence (ERNIE-Doc)
+equals a naive block-by-block loop, one call still equals segments, and it reaches past the stack.
 """
 import pytest
 import torch
@@ -692,8 +693,9 @@ def test_enhanced_recurrence_reaches_past_the_stack():
     x = ids_of(2, 24)
     for back in range(1, 6):
         assert dependence(m, x, (5 - back) * 4 + 1) > 1e-4, back
-    with pytest.raises(ValueError, match=r"enhanced_recurrence .* \(block_width > 0\)"):
-        Config(enhanced_recurrence=True)
+    for key in ("enhanced_recurrence", "memory_dropout", "state_dropout"):
+        with pytest.raises(ValueError, match=r"enhanced_recurrence, .* \(block_width > 0\)"):
+            Config(**{key: 0.5 if key.endswith("dropout") else True})
 
 
 def test_state_dropout_resets_whole_states_per_row():
@@ -715,3 +717,19 @@ def test_state_dropout_resets_whole_states_per_row():
     is_carried = (got[:, 4:] - carried[:, 4:]).abs().amax((1, 2)) < 1e-5
     is_reset = (got[:, 4:] - reset).abs().amax((1, 2)) < 1e-5
     assert (is_carried ^ is_reset).all() and 4 < int(is_reset.sum()) < 28
+
+
+def test_memory_dropout_hides_whole_memories_per_row():
+    """memory_dropout, in training, hides a block's whole memory (the previous block) from some
+    rows: block 1 of each row is either the plain computation or block 1 alone, both seen."""
+    m = build(brt_config(recurrent_layers=(), memory_dropout=0.5))
+    x = ids_of(32, 8)
+    with torch.no_grad():
+        seen = m(x).logits[:, 4:]
+        alone = m(x[:, 4:], input_pos=torch.arange(4, 8)).logits      # no memory at all
+        m.train()
+        torch.manual_seed(4)
+        got = m(x).logits[:, 4:]
+    is_seen = (got - seen).abs().amax((1, 2)) < 1e-5
+    is_alone = (got - alone).abs().amax((1, 2)) < 1e-5
+    assert (is_seen ^ is_alone).all() and 4 < int(is_alone.sum()) < 28
