@@ -1614,7 +1614,7 @@ class Transformer(nn.Module):
         mask_decoder, those of DeBERTa's enhanced mask decoder where the config has one."""
         cfg, (B, T) = self.config, input_ids.shape
         pos = input_pos if input_pos is not None else torch.arange(T, device=input_ids.device)
-        if cfg.enhanced_recurrence:  # ERNIE-Doc: a block's memories come from the block before
+        if cfg.enhanced_recurrence:  # ERNIE-Doc (arXiv:2012.15688): memories from the block before
             starts = ((pos[1:] % cfg.block_width == 0).nonzero().flatten() + 1).tolist()
             if starts:  # so blocks run in turn, through a cache
                 cache = cache if cache is not None else self.setup_cache(B, 0)
