@@ -45,9 +45,17 @@ AS_IDS = {"decoder_only": "give the prompt as token ids with --ids 1,2,3",
                           "token is to be filled"}
 
 
+# other inference scripts' options, named in the error with ours (the Enhanced Transformer seed's)
+FOREIGN_FLAGS = {"--max_length": "--max_new_tokens (tokens after the prompt)",
+                 "--model": "--checkpoint (or --hf DIR)", "--model_path": "--checkpoint",
+                 "--precision": "--dtype", "--num_return_sequences": "--num_samples"}
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line through main's handler, not argparse's usage block
-        raise ValueError(f"{message} (see --help)")
+        words = {w.partition("=")[0] for w in message.split()}
+        ours = "".join(f"; {k} is {v} here" for k, v in FOREIGN_FLAGS.items() if k in words)
+        raise ValueError(f"{message}{ours} (see --help)")
 
 
 def finite(text):  # argparse's type for floats: "nan" and "inf" are refused as invalid values
@@ -71,8 +79,9 @@ def parse_args(argv):
     given.add_argument("--ids", help="the input as comma-separated token ids, used as given "
                                      "(nothing added)")
     p.add_argument("--max_new_tokens", type=int, default=None,
-                   help=f"default {DEFAULT_NEW_TOKENS}, or fewer where the model's context "
-                        f"(block_size) ends sooner")
+                   help=f"default {DEFAULT_NEW_TOKENS} (an encoder-decoder's fewer where its "
+                        f"decoder's position table ends sooner); past a learned position table "
+                        f"a decoder keeps its last block_size tokens, re-encoded for each token")
     p.add_argument("--temperature", type=finite, default=0.8, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=None, help="keep the k most likely tokens (0 = "
                    f"off); with --fill_mask, the candidates shown per mask (default "
@@ -261,11 +270,12 @@ class Streamer:
         sys.stdout.flush()
 
 
-def default_new_tokens(model, prompt_len):
-    """DEFAULT_NEW_TOKENS, or fewer if the context ends sooner (a learned position table)."""
+def default_new_tokens(model):
+    """DEFAULT_NEW_TOKENS; an encoder-decoder's fewer if its decoder's position table ends sooner
+    (a decoder_only model generates past its table by cropping, as model.generate says)."""
     if model.config.architecture == "encoder_decoder":   # the target starts from one start token
         return max(1, min(DEFAULT_NEW_TOKENS, model.decoder.config.block_size - 1))
-    return max(1, min(DEFAULT_NEW_TOKENS, model.config.block_size - prompt_len))
+    return DEFAULT_NEW_TOKENS
 
 
 def sample(model, x, tok, stop, generator, echo, args):
@@ -274,7 +284,7 @@ def sample(model, x, tok, stop, generator, echo, args):
     decoder_only = model.config.architecture == "decoder_only"
     streamer = Streamer(tok, stop, echo if decoder_only else "", x[0].tolist() if decoder_only
                         else ())
-    n = args.max_new_tokens or default_new_tokens(model, x.shape[1])
+    n = args.max_new_tokens or default_new_tokens(model)
     t0 = time.perf_counter()
     try:
         model.generate(x, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -48,6 +48,15 @@ def rope_fields(hf, rope):
     if kind == "llama3":
         out["rope_low_freq_factor"] = rope["low_freq_factor"]
         out["rope_high_freq_factor"] = rope["high_freq_factor"]
+    if kind == "yarn":
+        if not rope.get("truncate", True):
+            raise ValueError("YaRN truncate=false (untruncated ramp edges) is not supported")
+        f, m, m_all = rope["factor"], rope.get("mscale"), rope.get("mscale_all_dim")
+        mscale = lambda k: 0.1 * k * math.log(f) + 1 if f > 1 else 1.0  # HF's get_mscale
+        out.update(rope_beta_fast=rope.get("beta_fast") or 32.0,
+                   rope_beta_slow=rope.get("beta_slow") or 1.0,
+                   rope_attn_factor=rope.get("attention_factor")
+                   or (mscale(m) / mscale(m_all) if m and m_all else None))
     return out
 
 

@@ -14,7 +14,7 @@ Index: every variant is a Config value; this is where each one lives.
   masks, windows    attention_mask (causal, sliding window, padding, bias), next to KVCache (a ring
                     buffer for local_attn layers); Attention.window; Transformer.context
   positions         POSITIONS: learned LearnedPosition, sinusoidal SinusoidalPosition, rope RoPE
-                    (ROPE_SCALINGS: linear, dynamic, llama3), relative_bias RelativeBias (T5),
+                    (ROPE_SCALINGS: linear, dynamic, llama3, yarn), relative_bias RelativeBias (T5),
                     disentangled Disentangled (DeBERTa), alibi ALiBi, none Position, dynamic_bias
                     DynamicPositionBias (inside block-recurrent layers)
   norms             NORMS (layernorm, rmsnorm: RMSNorm, Gemma's 1 + w); pre/post/sandwich: Block
@@ -23,14 +23,16 @@ Index: every variant is a Config value; this is where each one lives.
   linear attention  GatedDeltaNet, delta_rule_chunked, delta_rule_recurrent, DeltaNetState
   layouts, hybrids  layer_types (layer_pattern, attention_type, hybrid_ratio, ffn_pattern); MIXERS
   encoder-only      BERT, ALBERT, DeBERTa: Transformer (token types wtt, embed_dim, layer_groups
-                    sharing, head_transform, cls_head)
+                    sharing, head_transform, cls_head; emd_steps: Transformer.hidden, Block's kv)
   encoder-decoder   EncoderDecoder, stack_config, CrossAttention, CrossKV
   Universal Tr.     layer_groups 1 + depth_embedding (Transformer.depth_signal) + ACT
   Block-Recurrent   BlockAttention (XL memory, compression), RecurrentAttention, StateGate,
-                    BlockMemory
+                    BlockMemory; enhanced_recurrence: Transformer.hidden
   stochastic depth  DropPath
-  decoding          Transformer.setup_cache, generate, sample_loop, sample, LOGIT_FILTERS
-  input checks      LIMITS, Config.check_layout, read_yaml, check_inputs, check_ids, check_sampling
+  decoding          Transformer.setup_cache, generate (crops past a position table), sample_loop,
+                    sample, LOGIT_FILTERS
+  input checks      LIMITS, Config.check_layout, read_yaml, check_key (FOREIGN_KEYS), check_inputs,
+                    check_ids, check_sampling; other projects' schema: from_seed_schema
 
 Shape legend: B batch, T time (new tokens), C d_model, nh query heads, nkv kv heads,
 hs head size, S keys (cache slots), V vocab, F feed-forward width, E experts.
@@ -86,7 +88,10 @@ class Config:
     rope_factor: float = 1.0
     rope_low_freq_factor: float = 1.0      # llama3 scaling band edges
     rope_high_freq_factor: float = 4.0
-    rope_original_max_len: int = 8192      # context the RoPE was trained at (llama3, dynamic)
+    rope_original_max_len: int = 8192      # context the RoPE was trained at (llama3, dynamic, yarn)
+    rope_beta_fast: float = 32.0      # yarn: channels turning more often than this in that context
+    rope_beta_slow: float = 1.0       # keep their frequency, less often than this are interpolated
+    rope_attn_factor: float | None = None  # cos, sin times this; None: yarn 0.1 ln(factor)+1, or 1
     rope_fraction: float = 1.0        # rotate only this fraction of each head (partial RoPE)
     pos_offset: int = 0               # learned position ids start here (BART: 2)
     rel_buckets: int = 32             # relative_bias: buckets (T5); disentangled: the span
@@ -114,13 +119,14 @@ class Config:
     activation: str = "gelu"          # a key of ACTIVATIONS
     # mixture of experts (experts are FFNs of the `ffn` kind)
     ffn_pattern: tuple = ("dense",)   # dense | moe tiled over the layers ([dense, moe]: every 2nd)
-    n_expert: int = 8
+    n_expert: int = 8                 # (any MoE key without a moe layer in ffn_pattern: an error)
     moe_top_k: int = 2                # experts per token (token choice; expert choice: the mean)
     moe_d_ff: int | None = None       # expert width; None -> the dense FFN width
     moe_router: str = "token_choice"  # a key of ROUTERS
     moe_renorm: bool = True           # top-k weights renormalised to sum to 1 (Mixtral)
     moe_capacity: float = 1.0         # expert choice: each expert takes capacity * N * top_k / E
     moe_shared_d_ff: int | None = None  # width of an always-on shared expert, sigmoid-gated (Qwen)
+    moe_n_shared: int = 0             # always-on experts of the expert width, ungated (DeepSeekMoE)
     moe_aux_weight: float = 0.01      # load-balancing loss weight inside aux_loss
     moe_z_weight: float = 0.0         # router z-loss weight inside aux_loss (ST-MoE)
     moe_pool_balance: bool = False    # one balance loss over all MoE layers (HF); False: per layer
@@ -137,14 +143,17 @@ class Config:
     head_transform: bool = False      # dense -> activation -> norm before the output matrix (BERT)
     head_bias: bool = False           # a bias on the output logits (BERT's MLM head)
     cls_head: bool = False            # pooler tanh(W h[:, 0]) + 2-way classifier (NSP, SOP)
+    emd_steps: int = 0                # DeBERTa's enhanced mask decoder: the MLM head reads the last
+                                      # block run this many times more, queries + absolute positions
     # recurrence in time: Block-Recurrent Transformer (block_width > 0 lays out its layers)
     block_width: int = 0              # tokens per block; attention sees this and the previous block
     recurrent_layers: tuple = ()      # indices of the layers that carry state vectors
     n_states: int = 32                # state vectors per recurrent layer
     state_gate: str = "fixed"         # fixed | lstm
     state_forget_bias: float = 1.0    # initial forget bias: ~log(blocks to remember) (1804.11188)
-    state_dropout: float = 0.0        # dropout on the new state content during training
-    memory_dropout: float = 0.0       # training: hide a block's memory with this probability
+    state_dropout: float = 0.0        # training: a row's block reads the initial states instead
+    memory_dropout: float = 0.0       # training: a row's block sees no memory (in every layer)
+    enhanced_recurrence: bool = False  # a layer's memory is the layer above's (ERNIE-Doc)
     compress_factor: int = 0          # blocks older than the memory pooled c:1 into slots (0: off)
     compress_slots: int = 16          # compressed slots a query reads, those before its memory
     pos_bias_dim: int = 32            # position dynamic_bias: hidden width of its MLP
@@ -184,6 +193,8 @@ class Config:
     def check_layout(self):
         """Fields that must agree with each other (LIMITS checks each one alone)."""
         c, width, pattern = self.compress_factor, self.block_width, self.layer_pattern
+        moe_set = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if
+                   f.name.startswith(("moe_", "n_expert")) and getattr(self, f.name) != f.default]
         for broken, message in [  # (the disagreement, what to say)
             (self.head_dim is None and self.d_model % self.n_head, f"d_model={self.d_model} must "
              f"be divisible by n_head={self.n_head} (or set head_dim explicitly)"),
@@ -193,6 +204,11 @@ class Config:
              f"must be a multiple of dn_heads={self.dn_heads}"),
             ("moe" in self.ffn_pattern and self.moe_top_k > self.n_expert, f"moe_top_k="
              f"{self.moe_top_k} must be between 1 and n_expert={self.n_expert}"),
+            (moe_set and "moe" not in self.ffn_pattern, f"{', '.join(moe_set)} configure MoE "
+             f"layers, but ffn_pattern={list(self.ffn_pattern)} has none; add ffn_pattern: [moe] "
+             f"(or [dense, moe]: every 2nd layer), or drop them"),
+            (self.moe_shared_d_ff and self.moe_n_shared, "moe_shared_d_ff (a gated shared expert) "
+             "and moe_n_shared (ungated shared experts) are two kinds of shared expert; set one"),
             ("local_attn" in pattern and not self.sliding_window, "layer_pattern has local_attn "
              "layers but sliding_window is not set; set it to the number of keys a query sees"),
             ((self.layer_groups or 0) > self.n_layer, f"layer_groups={self.layer_groups} must be "
@@ -204,6 +220,14 @@ class Config:
              f"below n_layer={self.n_layer}, with block_width > 0"),
             (c and (not width or width % c), f"compress_factor={c} must divide a positive "
              f"block_width={width} (0 = off)"),
+            ((self.enhanced_recurrence or self.memory_dropout or self.state_dropout) and not width,
+             "enhanced_recurrence, memory_dropout and state_dropout act on block memories and "
+             "states: they need block-recurrent layers (block_width > 0)"),
+            (self.act and not self.n_layer, "act halts over the n_layer steps: set n_layer >= 1"),
+            (self.emd_steps and (self.architecture != "encoder_only" or self.act or not self.n_layer
+                                 or layer_types(self)[-1][0] not in ("attn", "local_attn")),
+             f"emd_steps={self.emd_steps}: the enhanced mask decoder reruns the last attention "
+             f"block of an encoder_only model (n_layer >= 1, no act)"),
             (width and POSITIONS[self.position].score_bias is not Position.score_bias,
              f"position={self.position!r} adds a bias to the attention scores, which "
              f"block-recurrent layers (block_width > 0) do not read; use rope, dynamic_bias, "
@@ -215,7 +239,7 @@ class Config:
                 raise ValueError(message)
         for part in ("encoder", "decoder"):
             for key in getattr(self, part) or {}:
-                check_choice(f"{part} section key", key, [f.name for f in dataclasses.fields(self)])
+                check_key(f"{part} section key", key)
         if self.architecture == "encoder_decoder":  # validate both stacks now, not at first use
             stack_config(self, "encoder"), stack_config(self, "decoder")
 
@@ -244,13 +268,14 @@ class Config:
 
     @property
     def positions_bounded(self) -> bool:  # positions end at block_size (a table of that many rows)
-        return POSITIONS[self.position].bounded
+        return (POSITIONS[self.position].bounded or self.emd_steps > 0
+                or self.depth_embedding == "sinusoidal")
 
     @classmethod
     def from_dict(cls, raw: dict) -> "Config":
-        names = [f.name for f in dataclasses.fields(cls)]
+        raw = from_seed_schema(raw)
         for key in raw:
-            check_choice("config key", key, names)
+            check_key("config key", key)
         return cls(**raw)
 
     @classmethod
@@ -261,16 +286,18 @@ class Config:
 
 
 LIMITS = {  # rule -> (test, the fields it covers); None (an unset option) passes every rule
-    ">= 1": (lambda v: v >= 1, "vocab_size block_size n_layer n_head n_kv_head d_model head_dim "
+    ">= 1": (lambda v: v >= 1, "vocab_size block_size n_head n_kv_head d_model head_dim "
              "d_ff rope_original_max_len rel_buckets rel_max_distance hybrid_ratio sliding_window "
              "dn_heads dn_v_heads dn_head_dim dn_v_head_dim dn_conv dn_chunk n_expert moe_top_k "
              "moe_d_ff moe_shared_d_ff embed_dim layer_groups n_states compress_slots "
              "pos_bias_dim"),
-    ">= 0": (lambda v: v >= 0, "decoder_start_token_id pos_offset type_vocab_size block_width "
-             "compress_factor moe_aux_weight moe_z_weight act_weight"),
+    ">= 0": (lambda v: v >= 0, "n_layer decoder_start_token_id pos_offset type_vocab_size "
+             "block_width compress_factor moe_aux_weight moe_z_weight moe_n_shared emd_steps "
+             "act_weight"),
     "> 0": (lambda v: v > 0, "norm_eps rope_theta rope_local_theta rope_factor "
-            "rope_low_freq_factor rope_high_freq_factor attn_scale attn_softcap moe_capacity "
-            "embed_scale final_softcap head_input_scale init_std"),
+            "rope_low_freq_factor rope_high_freq_factor rope_beta_fast rope_beta_slow "
+            "rope_attn_factor attn_scale attn_softcap moe_capacity embed_scale final_softcap "
+            "head_input_scale init_std"),
     "in (0, 1]": (lambda v: 0 < v <= 1, "rope_fraction act_threshold"),
     "in [0, 1)": (lambda v: 0 <= v < 1, "dropout drop_path state_dropout memory_dropout"),
 }
@@ -298,6 +325,60 @@ def read_yaml(path) -> dict:
         raise ValueError(f"{path} must be a mapping of config keys (key: value lines), not a "
                          f"{type(raw).__name__}")
     return raw
+
+
+# Other projects' names for our keys. The "Modern Transformer" seed's YAML schema (SEED_SCHEMA) is
+# read as written; the rest are only named in the unknown-key error, since their meaning differs
+# where it matters (a Universal Transformer's depth is steps of one shared block; the
+# block-recurrent package counts recurrent_layers from 1): read silently, another model is built.
+FOREIGN_KEYS = {
+    "weight_tying": "tie_embeddings", "n_layers": "n_layer", "n_heads": "n_head",
+    "n_kv_heads": "n_kv_head", "moe_routing": "moe_router", "num_experts": "n_expert",
+    "top_k": "moe_top_k", "num_shared_experts": "moe_n_shared",
+    "num_heads": "n_head", "heads": "n_head", "h": "n_head", "num_kv_heads": "n_kv_head",
+    "dim": "d_model", "hidden_size": "d_model", "num_layers": "n_layer", "dim_head": "head_dim",
+    "num_tokens": "vocab_size", "n_vocab": "vocab_size", "max_seq_len": "block_size",
+    "context_length": "block_size", "num_state_vectors": "n_states",
+    "compressed_mem_factor": "compress_factor", "use_compressed_mem": "compress_factor",
+    "depth": "n_layer (with layer_groups: 1 for a Universal Transformer's shared steps, as in "
+             "configs/ut_base.yaml)",
+}
+SEED_SCHEMA = ("weight_tying", "n_layers", "n_heads", "n_kv_heads", "moe_routing", "num_experts",
+               "top_k", "num_shared_experts")
+SEED_DEFAULTS = dict(norm="rmsnorm", position="rope", ffn="glu", activation="silu", bias=False)
+
+
+def from_seed_schema(raw: dict) -> dict:
+    """A config in the Modern Transformer seed's schema (its names above, and a stack's own
+    decoder:/encoder: section even on a one-stack model) as ours: names translated, a lone stack's
+    section lifted to the top, num_experts giving MoE layers as the seed's do, and its block
+    (pre-norm RMSNorm, RoPE, SwiGLU, no biases) under what the file sets. Ours pass unchanged."""
+    sections = [raw[p] for p in ("encoder", "decoder") if isinstance(raw.get(p), dict)]
+    if not set(raw).union(*sections) & set(SEED_SCHEMA):
+        return raw
+    ours = lambda d: {FOREIGN_KEYS[k] if k in SEED_SCHEMA else k: v for k, v in d.items()}
+    out = {**SEED_DEFAULTS, **ours(raw)}
+    for part in ("encoder", "decoder"):
+        if isinstance(out.get(part), dict):
+            section = ours(out.pop(part))
+            if out.get("architecture") == "encoder_decoder":
+                out[part] = section
+            else:  # the seed writes a decoder_only model's keys in a decoder: section
+                out.update(section)
+    for d in (out, out.get("encoder") or {}, out.get("decoder") or {}):
+        if "n_expert" in d:
+            d.setdefault("ffn_pattern", ["moe"])
+    return out
+
+
+def check_key(what, key):
+    """An unknown config key is a one-line error; for another project's name it names ours."""
+    names = [f.name for f in dataclasses.fields(Config)]
+    if key not in names and key in FOREIGN_KEYS:
+        ours, _, note = FOREIGN_KEYS[key].partition(" ")
+        raise ValueError(f"{what}={key!r} is another project's name; did you mean {ours!r}"
+                         f"{' ' + note if note else ''}?")
+    check_choice(what, key, names)
 
 
 def check_choice(what, value, allowed):
@@ -328,7 +409,7 @@ def check_type(name, value, tp):
 def stack_config(cfg: Config, part: str) -> Config:
     """One stack of an encoder-decoder: the shared fields, overridden by that stack's section."""
     own = {"encoder": dict(architecture="encoder_only", tie_embeddings=True, head_bias=False,
-                           head_transform=False),
+                           head_transform=False, emd_steps=0),  # its output feeds no MLM head
            "decoder": dict(architecture="decoder_only", cross_attention=True)}[part]
     section = getattr(cfg, part) or {}
     for key in section:  # the stacks share one embedding and pass d_model-wide states
@@ -472,8 +553,20 @@ def rope_llama3(inv, cfg, pos):  # Llama 3.1: slow down only the low-frequency b
                        torch.where(wavelen < cfg.rope_original_max_len / hi, inv, mid))
 
 
+def rope_yarn(inv, cfg, pos):
+    """YaRN (Peng et al. 2023, arXiv:2309.00071), as HF computes it: channels that turn more than
+    beta_fast times in the original context keep their frequency, fewer than beta_slow times are
+    interpolated (/ factor), a ramp between; RoPE.rotary scales cos, sin (rope_attn_factor)."""
+    d, base, L = cfg.rope_dim, cfg.rope_theta, cfg.rope_original_max_len
+    channel = lambda turns: d * math.log(L / (turns * 2 * math.pi)) / (2 * math.log(base))
+    lo = max(math.floor(channel(cfg.rope_beta_fast)), 0)
+    hi = min(math.ceil(channel(cfg.rope_beta_slow)), d - 1)
+    ramp = ((torch.arange(d // 2, device=inv.device) - lo) / (hi - lo or 1e-3)).clamp(0, 1)
+    return inv / cfg.rope_factor * ramp + inv * (1 - ramp)
+
+
 ROPE_SCALINGS = {"none": lambda inv, cfg, pos: inv, "linear": rope_linear,
-                 "dynamic": rope_dynamic, "llama3": rope_llama3}
+                 "dynamic": rope_dynamic, "llama3": rope_llama3, "yarn": rope_yarn}
 
 
 class RoPE(Position):
@@ -488,7 +581,12 @@ class RoPE(Position):
         self.register_buffer("inv_freq", cfg.rope_theta ** -exponents, persistent=False)  # (rd/2,)
         self.register_buffer("inv_freq_local", (local or cfg.rope_theta) ** -exponents,
                              persistent=False)
-        self.scalings = {"global": cfg.rope_scaling, "local": "none" if local else cfg.rope_scaling}
+        # (scaling, cos/sin factor) by layer kind: sliding-window layers with a base of their own
+        # are unscaled (Gemma 3); YaRN's factor is 0.1 ln(s) + 1, which HF applies for factor s > 1
+        factor = cfg.rope_attn_factor or (0.1 * math.log(cfg.rope_factor) + 1 if (
+            cfg.rope_scaling == "yarn" and cfg.rope_factor > 1) else 1.0)
+        self.scalings = {"global": (cfg.rope_scaling, factor),
+                         "local": ("none", 1.0) if local else (cfg.rope_scaling, factor)}
 
     @classmethod
     def check(cls, cfg):
@@ -503,9 +601,10 @@ class RoPE(Position):
     def rotary(self, pos, mixer):                                             # pos: (T,)
         kind = "local" if mixer == "local_attn" else "global"
         inv = self.inv_freq_local if kind == "local" else self.inv_freq
-        f = pos.float()[:, None] * ROPE_SCALINGS[self.scalings[kind]](inv, self.cfg, pos)
+        scaling, factor = self.scalings[kind]
+        f = pos.float()[:, None] * ROPE_SCALINGS[scaling](inv, self.cfg, pos)
         f = torch.cat((f, f), dim=-1)                                         # (T, rd)
-        return f.cos(), f.sin()
+        return f.cos() * factor, f.sin() * factor
 
 
 def apply_rope(x, cos, sin):                         # x: (B, nh, T, hs); cos, sin: (T, rd)
@@ -648,7 +747,10 @@ class Context(NamedTuple):
     rope: tuple | None = None          # (cos, sin), each (T, rd)
     bias: object = None                # the position scheme's score_bias(pos, kpos)
     position: Position | None = None   # the scheme, which makes each layer's bias (layer_bias)
-    memory: torch.Tensor | None = None  # cross-attention: the encoder output (B, S, C)
+    memory: torch.Tensor | None = None  # (B, S, C) keys' source: the encoder output (cross-
+                                        # attention); or other states of this stack (EMD)
+    drops: torch.Tensor | None = None  # (2, B, blocks) training: the rows whose block drops its
+                                       # memories (0) and states (1), in every layer
 
 
 class KVCache(nn.Module):
@@ -776,7 +878,7 @@ class Attention(nn.Module):
     def keys_and_mask(self, x, q, ctx, cache):
         """The keys and values the queries attend, and the mask. This call's keys are written to
         the cache; decoding then reads every slot written so far (ctx.kpos says which positions)."""
-        k, v = self.project_kv(x, ctx.rope)                           # (B, nkv, T, hs)
+        k, v = self.project_kv(x if ctx.memory is None else ctx.memory, ctx.rope)  # (B, nkv, T, hs)
         if cache is not None:
             cache.write(ctx.pos, k, v)
             if ctx.decoding:
@@ -864,7 +966,6 @@ class BlockAttention(Attention):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         self.width, self.c, self.slots = cfg.block_width, cfg.compress_factor, cfg.compress_slots
-        self.memory_dropout = cfg.memory_dropout
         self.pos_bias = DynamicPositionBias(cfg) if cfg.position == "dynamic_bias" else None
 
     def keys_and_mask(self, x, q, ctx, cache):
@@ -889,11 +990,9 @@ class BlockAttention(Attention):
             cache.store(k[:, :, ~old], v[:, :, ~old], kpos[~old])
         if self.c:
             k, v, kpos = torch.cat((ck, k), 2), torch.cat((cv, v), 2), torch.cat((cpos, kpos))
-        if self.training and self.memory_dropout:  # hide a block's whole memory, per sequence
+        if ctx.drops is not None:  # memory_dropout: hide the whole memory of a row's block
             qb = ctx.pos // w                                                # (T,)
-            n_blocks = int(qb[-1] - qb[0]) + 1
-            drop = torch.rand(x.shape[0], n_blocks, device=x.device) < self.memory_dropout
-            hidden = drop[:, qb - qb[0], None] & (kpos // w < qb[:, None])   # (B, T, S)
+            hidden = ctx.drops[0][:, qb - qb[0], None] & (kpos // w < qb[:, None])   # (B, T, S)
             mask = mask & ~hidden[:, None]                                   # (B, 1, T, S)
         if self.pos_bias is not None:  # a float mask: the bias, and -inf where masked
             mask = self.pos_bias(qpos - at).masked_fill(~mask, float("-inf"))
@@ -943,7 +1042,6 @@ class RecurrentAttention(BlockAttention):
         self.o_tokens = nn.Linear(hidden, C, bias=cfg.bias)       # states' reading of the block
         self.state_ffn = FFNS[cfg.ffn](cfg)
         self.gate_1, self.gate_2 = StateGate(cfg), StateGate(cfg)
-        self.state_drop = nn.Dropout(cfg.state_dropout)
 
     def heads(self, t):                                     # (B, L, nh*hs) -> (B, nh, L, hs)
         return t.view(t.shape[0], t.shape[1], -1, self.hs).transpose(1, 2)
@@ -962,6 +1060,9 @@ class RecurrentAttention(BlockAttention):
         reads, w = [], self.width
         for b in torch.unique_consecutive(ctx.pos // w).tolist():             # blocks in order
             rows = (ctx.pos // w == b).nonzero().flatten()
+            if ctx.drops is not None and int(ctx.pos[rows[0]]) % w == 0:  # state_dropout: the
+                drop = ctx.drops[1][:, b - int(ctx.pos[0]) // w, None, None]  # row's block reads
+                states = torch.where(drop, self.init_states, states)  # the initial states
             sk, sv = self.project_kv(self.state_norm(states))                  # (B, nkv, N, hs)
             reads.append(attend(q[:, :, rows], sk, sv, scale=self.scale))
             if int(ctx.pos[rows[-1]]) % w == w - 1:                            # block complete
@@ -981,8 +1082,8 @@ class RecurrentAttention(BlockAttention):
         sk, sv = self.project_kv(h)
         z = (self.o_self(attend(q, sk, sv, scale=self.scale).transpose(1, 2).flatten(2))
              + self.o_tokens(attend(q, bk, bv, scale=self.scale).transpose(1, 2).flatten(2)))
-        states = self.gate_1(states, self.state_drop(z))
-        return self.gate_2(states, self.state_drop(self.state_ffn(self.state_norm_2(states))))
+        states = self.gate_1(states, z)
+        return self.gate_2(states, self.state_ffn(self.state_norm_2(states)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1198,8 +1299,9 @@ def balance_loss(loads, n_expert):
 
 class MoE(nn.Module):
     """Sparse mixture of expert FFNs (the `ffn` kind: mlp or glu) with an optional gated shared
-    expert (Qwen3-MoE / Qwen3-Next). After each forward, `aux_loss` holds the weighted router
-    z-loss and load-balancing loss of that call, and `load` what balance_loss reads.
+    expert (Qwen3-Next) or n ungated ones (DeepSeekMoE, arXiv:2401.06066), which are run as one FFN
+    n times as wide, as HF DeepseekV2 does: the same sum. After each forward, `aux_loss` holds the
+    weighted router z-loss and load-balancing loss of that call, and `load` what balance_loss reads.
 
     Balance: Switch adds one E * sum_e f_e * P_e per MoE layer, and by default ours is their sum.
     HF's Mixtral/Qwen loss pools every layer's routing into one f and one P before the product,
@@ -1224,8 +1326,9 @@ class MoE(nn.Module):
         self.up, self.up_bias = param(E, Fe, C), bias(E, Fe)
         self.down, self.down_bias = param(E, C, Fe), bias(E, C)
         self.act, self.drop = ACTIVATIONS[cfg.activation], nn.Dropout(cfg.dropout)
+        if cfg.moe_shared_d_ff or cfg.moe_n_shared:
+            self.shared_expert = FFNS[cfg.ffn](cfg, cfg.moe_shared_d_ff or cfg.moe_n_shared * Fe)
         if cfg.moe_shared_d_ff:
-            self.shared_expert = FFNS[cfg.ffn](cfg, cfg.moe_shared_d_ff)
             self.shared_gate = nn.Linear(C, 1, bias=False)
         self.aux_loss = torch.zeros(())
 
@@ -1245,6 +1348,8 @@ class MoE(nn.Module):
         y = self.drop(y)
         if cfg.moe_shared_d_ff:
             y = y + torch.sigmoid(self.shared_gate(x)) * self.shared_expert(x)
+        elif cfg.moe_n_shared:
+            y = y + self.shared_expert(x)
         self.load = (counts, probs.sum(0), len(x))
         balance = 0.0 if cfg.moe_pool_balance else balance_loss([self.load], cfg.n_expert)
         z = torch.logsumexp(logits.float(), dim=-1).pow(2).mean()   # router z-loss (ST-MoE)
@@ -1297,7 +1402,10 @@ class Block(nn.Module):
             return norm(x + self.drop_path(f(x)))
         return x + self.drop_path(post_norm(f(norm(x))))
 
-    def forward(self, x, ctx: Context, cache=None, cross_ctx: Context | None = None):
+    def forward(self, x, ctx: Context, cache=None, cross_ctx: Context | None = None, kv=None):
+        """kv: the (B, T, C) states the mixer draws keys and values from, when not x (EMD)."""
+        if kv is not None:
+            ctx = ctx._replace(memory=kv if self.post_ln else self.norm_1(kv))
         x = self.residual(x, self.norm_1, self.post_norm_1, lambda h: self.mixer(h, ctx, cache))
         if cross_ctx is not None:
             cross = lambda h: self.cross(h, cross_ctx, cache.cross if cache is not None else None)
@@ -1412,6 +1520,8 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.wte.weight
         if cfg.cls_head:
             self.pooler, self.cls = nn.Linear(cfg.d_model, cfg.d_model), nn.Linear(cfg.d_model, 2)
+        if cfg.emd_steps:  # DeBERTa's absolute positions, read only by the enhanced mask decoder
+            self.emd_pos = nn.Embedding(cfg.block_size, cfg.d_model)
         if cfg.depth_embedding == "sinusoidal":  # UT's coordinate embedding: position and step
             self.register_buffer("step_table", sinusoidal_table(cfg.n_layer, cfg.d_model),
                                  persistent=False)
@@ -1462,6 +1572,7 @@ class Transformer(nn.Module):
         if non_embedding:
             n -= self.wte.weight.numel()
             n -= sum(p.numel() for p in self.position.parameters()) if self.position.bounded else 0
+            n -= self.emd_pos.weight.numel() if self.config.emd_steps else 0
         return n
 
     def forward(self, input_ids, targets=None, cache=None, input_pos=None, token_type_ids=None,
@@ -1478,7 +1589,7 @@ class Transformer(nn.Module):
         check_inputs(input_ids, targets=targets, token_type_ids=token_type_ids,
                      attention_mask=attention_mask)
         x = self.hidden(input_ids, cache, input_pos, token_type_ids, attention_mask, memory,
-                        memory_mask)
+                        memory_mask, mask_decoder=True)
         if cfg.head_input_scale is not None:
             x = x * cfg.head_input_scale
         logits = self.lm_head(self.head_transform(x))                     # (B, T, V)
@@ -1498,10 +1609,22 @@ class Transformer(nn.Module):
         return ModelOutput(logits, loss, aux, cls_logits)
 
     def hidden(self, input_ids, cache=None, input_pos=None, token_type_ids=None,
-               attention_mask=None, memory=None, memory_mask=None):
-        """Embeddings -> blocks -> final norm: the (B, T, C) states the heads read."""
+               attention_mask=None, memory=None, memory_mask=None, mask_decoder=False):
+        """Embeddings -> blocks -> final norm: the (B, T, C) states the heads read; with
+        mask_decoder, those of DeBERTa's enhanced mask decoder where the config has one."""
         cfg, (B, T) = self.config, input_ids.shape
         pos = input_pos if input_pos is not None else torch.arange(T, device=input_ids.device)
+        if cfg.enhanced_recurrence:  # ERNIE-Doc (arXiv:2012.15688): memories from the block before
+            starts = ((pos[1:] % cfg.block_width == 0).nonzero().flatten() + 1).tolist()
+            if starts:  # so blocks run in turn, through a cache
+                cache = cache if cache is not None else self.setup_cache(B, 0)
+                cuts = [0, *starts, T]
+                return torch.cat([self.hidden(input_ids[:, a:b], cache, pos[a:b], None if
+                                              token_type_ids is None else token_type_ids[:, a:b])
+                                  for a, b in zip(cuts, cuts[1:])], 1)
+            if cache is not None and int(pos[0]) % cfg.block_width == 0:  # a new block: each
+                for low, high in zip(cache, cache[1:]):  # layer's memory is the layer above's
+                    low.store(high.k, high.v, high.pos)
         decoding = cache is not None and int(pos[0]) > 0
         if attention_mask is not None and decoding:
             raise ValueError("attention_mask is for encoders and full forwards; cached decoding "
@@ -1509,6 +1632,11 @@ class Transformer(nn.Module):
         pad = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None
         x = self.embed(input_ids, pos, token_type_ids)                   # (B, T, C)
         ctx = {t: self.context(t, pos, cache, pad, decoding) for t in set(self.mixer_types)}
+        if self.training and (cfg.memory_dropout or cfg.state_dropout):  # one draw per row and
+            blocks = int(pos[-1]) // cfg.block_width - int(pos[0]) // cfg.block_width + 1  # block
+            p = torch.tensor([cfg.memory_dropout, cfg.state_dropout], device=x.device)
+            drops = torch.rand(2, B, blocks, device=x.device) < p[:, None, None]
+            ctx = {t: c._replace(drops=drops) for t, c in ctx.items()}
         cross = None
         if cfg.cross_attention:
             cross = self.cross_context(pos, decoding, memory, memory_mask)
@@ -1520,12 +1648,17 @@ class Transformer(nn.Module):
             if self.act is not None:
                 w, halting = self.act(x, halting, last=i == cfg.n_layer - 1)       # (B, T)
             args = (x, ctx[self.mixer_types[i]], cache[i] if cache is not None else None, cross)
+            kv = x                                             # the last block's input, for EMD
             if cfg.grad_checkpoint and self.training:
                 x = checkpoint(self.blocks[b], *args, use_reentrant=False)
             else:
                 x = self.blocks[b](*args)
             if self.act is not None:
                 out = out + w[..., None].to(x.dtype) * x
+        if mask_decoder and cfg.emd_steps:  # He et al. 2020 sec. 3.2: the last block again over
+            x = kv + self.emd_pos(pos)     # its input, the queries from it + absolute positions
+            for _ in range(cfg.emd_steps):
+                x = self.blocks[self.block_of[-1]](x, ctx[self.mixer_types[-1]], None, cross, kv)
         return self.norm_f(out if self.act is not None else x)
 
     def context(self, mixer, pos, cache, pad, decoding) -> Context:
@@ -1557,7 +1690,7 @@ class Transformer(nn.Module):
     def embed(self, input_ids, pos, token_type_ids=None):
         """Token (+ position, + token type) embeddings, normed and projected: (B, T, C)."""
         cfg = self.config
-        if self.position.bounded and int(pos[-1]) >= cfg.block_size:
+        if cfg.positions_bounded and int(pos[-1]) >= cfg.block_size:
             raise ValueError(f"position {int(pos[-1])} is beyond block_size={cfg.block_size} (the "
                              f"position table's length); use a shorter input")
         x = self.wte(input_ids)                                          # (B, T, E)
@@ -1609,12 +1742,19 @@ class Transformer(nn.Module):
         check_inputs(input_ids)
         check_ids(input_ids, cfg.vocab_size)
         B, T = input_ids.shape
-        if T > cfg.block_size or (cfg.positions_bounded and T + max_new_tokens > cfg.block_size):
-            raise ValueError(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} exceeds the "
-                             f"context of {cfg.block_size} tokens; shorten the prompt or ask for "
-                             f"fewer tokens")
-        cache = self.setup_cache(B, T + max_new_tokens, device=input_ids.device)
-        step = lambda ids, pos: self(ids, cache=cache, input_pos=pos).logits[:, -1]
+        if T > cfg.block_size:
+            raise ValueError(f"prompt of {T} tokens exceeds the context of {cfg.block_size} "
+                             f"tokens; shorten the prompt")
+        # A position table ends at block_size: past it, as nanoGPT, each token re-encodes the last
+        # block_size tokens, which all move one position down, so no cached key stays valid
+        crop = cfg.block_size if cfg.positions_bounded else None
+        n = T + max_new_tokens
+        cache = self.setup_cache(B, min(n, crop) if crop else n, device=input_ids.device)
+
+        def step(seq, pos):
+            if crop and int(pos[-1]) >= crop:
+                return self(seq[:, -crop:]).logits[:, -1]
+            return self(seq[:, -len(pos):], cache=cache, input_pos=pos).logits[:, -1]
         return sample_loop(step, input_ids, max_new_tokens, temperature, generator,
                            repetition_penalty, stop_tokens, callback, top_k=top_k, top_p=top_p,
                            min_p=min_p)
@@ -1677,8 +1817,8 @@ class EncoderDecoder(Transformer):
                              f"{dec.block_size} tokens; ask for fewer tokens")
         memory = self.encoder.hidden(input_ids, attention_mask=attention_mask)
         cache = self.setup_cache(B, 1 + max_new_tokens, device=input_ids.device)
-        step = lambda ids, pos: self(None, ids, attention_mask=attention_mask, cache=cache,
-                                     input_pos=pos, memory=memory).logits[:, -1]
+        step = lambda seq, pos: self(None, seq[:, -len(pos):], attention_mask=attention_mask,
+                                     cache=cache, input_pos=pos, memory=memory).logits[:, -1]
         start = torch.full((B, 1), self.config.decoder_start_token_id, dtype=torch.long,
                            device=input_ids.device)
         return sample_loop(step, start, max_new_tokens, temperature, generator,
@@ -1695,8 +1835,9 @@ ARCHITECTURES = {"decoder_only": Transformer, "encoder_only": Transformer,
 
 def sample_loop(step, seq, max_new_tokens, temperature, generator, repetition_penalty, stop_tokens,
                 callback, **filters):
-    """Prefill `seq` (B, T) with step(ids, pos) -> next-token logits (B, V), then sample one token
-    at a time; a row that emits a stop token repeats it. Returns (B, T + n)."""
+    """Prefill `seq` (B, T) with step(seq, pos) -> next-token logits (B, V), the new tokens at
+    positions pos being seq's last, then sample one token at a time; a row that emits a stop token
+    repeats it. Returns (B, T + n)."""
     B, T = seq.shape
     done = torch.zeros(B, dtype=torch.bool, device=seq.device)
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=seq.device)
@@ -1711,7 +1852,7 @@ def sample_loop(step, seq, max_new_tokens, temperature, generator, repetition_pe
         done |= torch.isin(nxt, stop)
         if bool(done.all()) or i == max_new_tokens - 1:
             break
-        logits = step(nxt[:, None], torch.tensor([T + i], device=seq.device))
+        logits = step(seq, torch.tensor([T + i], device=seq.device))
     return seq
 
 

@@ -75,10 +75,12 @@ from data.prepare import (
 )
 from hf import check_target, from_pretrained, hf_config, read_json, save_pretrained
 from model import (
+    FOREIGN_KEYS,
     Config,
     Transformer,
     check_choice,
     check_type,
+    from_seed_schema,
     load_checkpoint,
     read_yaml,
     save_checkpoint,
@@ -94,6 +96,21 @@ CHECKPOINTS = ("ckpt.pt", "ckpt_best.pt", "model_fp16.pt", "model_bf16.pt", "hf"
 EXPORTED = ("model_fp16.pt", "model_bf16.pt", "hf")  # written at a run's end, not on the way
 RESUME_KEYS = ("optimizer", "scaler", "iter", "best_val_loss", "tokens", "train_config", "rng")
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+# other training scripts' flags (the Enhanced Transformer seed's), named in the error with ours.
+# No --epochs: batches are random windows of the token stream, so a pass over the data is only
+# an expectation; the schedule (warmup, cosine, eval, checkpoints) counts optimizer steps.
+FOREIGN_FLAGS = {
+    "model_size": "a config file as the first argument: configs/enhanced_small.yaml (or "
+                  "enhanced_medium, enhanced_large)",
+    "epochs": "--max_iters (optimizer steps; one pass over the data is about train tokens / "
+              "(batch_size x block_size) of them)",
+    "mixed_precision": "--dtype=bf16 (or fp16, with a gradient scaler)",
+    "use_rotary_embeddings": "--position=rope", "gradient_checkpointing": "--grad_checkpoint",
+    "gradient_accumulation_steps": "--grad_accum", "learning_rate": "--lr",
+    "warmup_steps": "--warmup_iters", "max_steps": "--max_iters", "output_dir": "--out_dir",
+    "save_dir": "--out_dir", "checkpoint_dir": "--out_dir",
+    **{k: f"--{v}" for k, v in FOREIGN_KEYS.items()},
+}
 
 
 @dataclass
@@ -245,8 +262,11 @@ def parse_config(argv):
     fields = {**model_fields, **train_fields}
     files = [a for a in argv if not a.startswith("--")]
     if len(files) > 1 or any(not f.endswith((".yaml", ".yml")) for f in files):
+        pairs = [f"{a}={b}" for a, b in zip(argv, argv[1:]) if a.startswith("--") and "=" not in a
+                 and not b.startswith("--")]  # --key value: the same with '='
+        fix = f"; write {' '.join(pairs)}" if pairs else ""
         raise ValueError(f"expected at most one YAML config file, then --key=value overrides "
-                         f"(with '='); got {files}")
+                         f"(with '='); got {files}{fix}")
     cli = dict(a[2:].partition("=")[::2] if "=" in a else (a[2:], "true")
                for a in argv if a.startswith("--"))
     bare = {a[2:] for a in argv if a.startswith("--") and "=" not in a}  # --flag: true
@@ -256,6 +276,7 @@ def parse_config(argv):
     path = files[0] if files else None if resume or init else DEFAULT_MODEL
     raw = read_yaml(path) if path is not None else {}
     section = raw.pop("train", None) or {}
+    raw = from_seed_schema(raw)  # the Modern Transformer seed's key names, as model.py reads them
     if not isinstance(section, dict):
         raise ValueError(f"train: in {path} must be a mapping: training keys indented under it, "
                          f"one per line")
@@ -268,6 +289,10 @@ def parse_config(argv):
             raise ValueError(f"{key!r} under train: in {path} is a model key (Config in model.py): "
                              f"move it to the top level")
     raw.update(section)
+    unknown = [k for k in {**raw, **cli} if k not in fields]
+    if any(k in FOREIGN_FLAGS for k in unknown):  # every other project's flag at once, with ours
+        raise ValueError("unknown config keys: " + "; ".join(
+            f"--{k}: use {FOREIGN_FLAGS[k]}" if k in FOREIGN_FLAGS else f"--{k}" for k in unknown))
     for key, value in {**raw, **cli}.items():
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)

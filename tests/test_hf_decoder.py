@@ -6,6 +6,7 @@ save_pretrained and loaded with Transformer.from_pretrained. fp32 logits must ag
 greedy decoding through our KV cache (ring buffers on sliding-window layers) must give HF's tokens.
 """
 import json
+import math
 
 import pytest
 import torch
@@ -26,6 +27,11 @@ GEMMA = dict(SMALL, num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=20
 # a short original context: the llama3 band edges matter
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+# YaRN: a 512-token original context puts the ramp inside the head (channels 1..6 of 12 at head_dim
+# 24); the attention factor comes from the factor (0.1 ln 4 + 1), or is given
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+        "original_max_position_embeddings": 512}
+YARN_GIVEN = {**YARN, "factor": 8.0, "attention_factor": 0.8, "beta_fast": 16.0, "beta_slow": 2.0}
 GEMMA3_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0}}
 LAYERS = dict(num_hidden_layers=2, num_key_value_heads=2)
@@ -43,6 +49,12 @@ CASES = {
     "mistral": ("MistralForCausalLM", "MistralConfig",
                 dict(SMALL, **LAYERS, head_dim=24, sliding_window=WINDOW,
                      rope_parameters={"rope_type": "default", "rope_theta": 1000.0})),
+    "llama_yarn": ("LlamaForCausalLM", "LlamaConfig",
+                   dict(SMALL, **LAYERS, head_dim=24, tie_word_embeddings=False,
+                        rope_parameters=YARN)),
+    "qwen3_yarn": ("Qwen3ForCausalLM", "Qwen3Config",
+                   dict(SMALL, **LAYERS, head_dim=24, tie_word_embeddings=False,
+                        rope_parameters=YARN_GIVEN)),
     "qwen3": ("Qwen3ForCausalLM", "Qwen3Config",
               dict(SMALL, **LAYERS, head_dim=24, tie_word_embeddings=True)),
     "qwen3_sliding": ("Qwen3ForCausalLM", "Qwen3Config",  # layer 0 full, layer 1 sliding; untied
@@ -226,6 +238,7 @@ OPTIONS = {
     "scale_attn_by_inverse_layer_idx": ("gpt2", dict(scale_attn_by_inverse_layer_idx=True)),
     "scale_attn_weights": ("gpt2", dict(scale_attn_weights=False)),
     "use_bidirectional_attention": ("gemma3", dict(use_bidirectional_attention=True)),
+    "truncate": ("llama_yarn", dict(rope_parameters={**YARN, "truncate": False})),
 }
 
 
@@ -254,6 +267,20 @@ def test_dynamic_ntk_rope_full_forward(tmp_path):
     # HF's rotary is stateful: loaded fresh, it grows, then resets under the limit
     for T in (24, 12):
         assert max_logit_diff(ours, hf, T) <= TOL
+
+
+def test_yarn_attention_factor_from_mscale(tmp_path):
+    """DeepSeek-style YaRN: no attention_factor, but mscale and mscale_all_dim, whose two
+    0.1 * m * ln(factor) + 1 give the factor as their ratio."""
+    rope = {**YARN, "mscale": 1.0, "mscale_all_dim": 0.5}
+    hf = make_hf("LlamaForCausalLM", "LlamaConfig", dict(SMALL, **LAYERS, head_dim=24,
+                                                         rope_parameters=rope))
+    hf.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path)
+    want = (0.1 * math.log(4.0) + 1) / (0.05 * math.log(4.0) + 1)
+    assert ours.config.rope_scaling == "yarn"
+    assert ours.config.rope_attn_factor == pytest.approx(want, rel=1e-12)
+    assert max_logit_diff(ours, hf) <= TOL
 
 
 def test_unsupported_family_is_named(tmp_path):

@@ -340,3 +340,38 @@ def test_unsupported_option_is_refused(option, tmp_path):
         Transformer.from_pretrained(tmp_path)
     msg = str(e.value)
     assert option in msg and "\n" not in msg, msg
+
+
+def test_deberta_enhanced_mask_decoder_matches_hf_layers(models):
+    """DeBERTa's enhanced mask decoder (He et al. 2020, sec. 3.2): the last layer runs emd_steps
+    more times over its own input H, the queries starting at H + absolute position embeddings and
+    then each pass's output. HF's DebertaV2ForMaskedLM has no EMD (its z_steps path is unused), but
+    its layer takes query_states apart from hidden_states for this: the reference is that layer,
+    called twice by hand on HF's own H, then HF's MLM head."""
+    import dataclasses
+    hf, ours, _ = models("deberta")
+    emd = Transformer(dataclasses.replace(ours.config, emd_steps=2)).eval()
+    missing, unexpected = emd.load_state_dict(ours.state_dict(), strict=False)
+    assert missing == ["emd_pos.weight"] and not unexpected
+    P = 0.5 * torch.randn(emd.emd_pos.weight.shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        emd.emd_pos.weight.copy_(P)
+    x, mask = ids(2, SRC, seed=1), padding_mask(2, SRC)
+    enc = hf.deberta.encoder
+    with torch.no_grad():
+        H = hf.deberta(x, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+        kw = dict(relative_pos=enc.get_rel_pos(H), rel_embeddings=enc.get_rel_embedding())
+        q = H + P[:SRC]
+        for _ in range(2):
+            q = enc.layer[-1](H, enc.get_attention_mask(mask), query_states=q, **kw)[0]
+        ref = hf.cls(q)
+        got = emd(x, attention_mask=mask).logits
+        plain = ours(x, attention_mask=mask).logits
+    assert max_diff(got, ref, mask) <= TOL
+    assert max_diff(plain, ref, mask) > 0.1                   # not the plain output
+    with torch.no_grad():  # the positions matter: without them the decoder is another function
+        emd.emd_pos.weight.zero_()
+        assert max_diff(emd(x, attention_mask=mask).logits, ref, mask) > 0.1
+        # the encoder's output itself (hidden(), what a classifier reads) stays the plain one
+        assert (emd.hidden(x, attention_mask=mask) - ours.hidden(x, attention_mask=mask)
+                ).abs()[mask.bool()].max() == 0

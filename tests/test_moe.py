@@ -7,7 +7,10 @@
   both dispatch paths (grouped matmul and the loop over experts);
 - the balance and router z-losses against hand computations; expert choice's non-causality and the
   refusal to decode it from a cache;
-- MoE every k layers, gradients under checkpointing and into the router, bf16 autocast on CPU.
+- MoE every k layers, gradients under checkpointing and into the router, bf16 autocast on CPU;
+- several ungated shared experts (DeepSeekMoE, the Modern Transformer seed's num_shared_experts)
+  against HF DeepseekV2Moe and, split back into separate experts, the naive loop; MoE keys on a
+  model without MoE layers are an error.
 """
 import dataclasses
 import math
@@ -182,9 +185,22 @@ def naive_shared(moe, x):
     return torch.sigmoid(moe.shared_gate.weight @ x) * (s.down(s.act(s.gate(x)) * s.up(x)))
 
 
+def naive_ungated_shared(moe, x):
+    """moe_n_shared separate experts of the expert width, summed: expert j is its own slice of the
+    fused FFN's hidden units (the fused output bias counted once)."""
+    s, F = moe.shared_expert, moe.up.shape[1]
+    lin = lambda layer, r: layer.weight[r] @ x + (0 if layer.bias is None else layer.bias[r])  # noqa: E731
+    out = 0 if s.down.bias is None else s.down.bias
+    for j in range(moe.cfg.moe_n_shared):
+        r = slice(j * F, (j + 1) * F)
+        h = s.act(lin(s.gate, r)) * lin(s.up, r) if hasattr(s, "gate") else s.act(lin(s.up, r))
+        out = out + s.down.weight[:, r] @ h
+    return out
+
+
 def naive_token_choice(moe, x):
     """For each token: softmax over experts, top-k, optional renormalisation, weighted sum of the
-    chosen experts' outputs, plus the sigmoid-gated shared expert."""
+    chosen experts' outputs, plus the sigmoid-gated shared expert or the ungated ones."""
     cfg, out = moe.cfg, torch.zeros_like(x)
     for t in range(len(x)):
         p = torch.softmax(moe.router.weight @ x[t], -1)
@@ -195,6 +211,8 @@ def naive_token_choice(moe, x):
             out[t] += wj * naive_expert(moe, e, x[t])
         if cfg.moe_shared_d_ff:
             out[t] += naive_shared(moe, x[t])
+        if cfg.moe_n_shared:
+            out[t] += naive_ungated_shared(moe, x[t])
     return out
 
 
@@ -216,6 +234,8 @@ VARIANTS = {  # MoE layer options -> config fields
     "glu_no_renorm_shared": dict(moe_renorm=False, moe_shared_d_ff=20),
     "mlp_gelu_biases": dict(ffn="mlp", activation="gelu", bias=True),
     "top3_shared_biases": dict(moe_top_k=3, moe_shared_d_ff=20, bias=True),
+    "glu_2_ungated_shared": dict(moe_n_shared=2),
+    "mlp_3_ungated_shared_biases": dict(ffn="mlp", activation="gelu", bias=True, moe_n_shared=3),
 }
 DTYPES = {"grouped_mm": torch.float32, "loop_over_experts": torch.float64}   # fp64 takes the loop
 
@@ -366,3 +386,46 @@ def test_moe_model_learns():
         (out.loss + out.aux_loss).backward()
         opt.step()
     assert out.loss.item() < 0.5 * math.log(V)
+
+
+def test_ungated_shared_experts_match_hf_deepseek_v2():
+    """n_shared_experts ungated experts of the expert width (DeepSeekMoE, arXiv:2401.06066) as HF
+    DeepseekV2Moe computes them (greedy top-k of the softmax, not renormalised, scaling 1), our
+    weights copied in: gate_up_proj stacks each expert's [gate; up]."""
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
+    hf_cfg = transformers.DeepseekV2Config(hidden_size=32, moe_intermediate_size=24,
+                                           n_routed_experts=6, num_experts_per_tok=2,
+                                           n_shared_experts=3, topk_method="greedy",
+                                           routed_scaling_factor=1.0, hidden_act="silu")
+    hf = DeepseekV2Moe(hf_cfg).eval()
+    moe = make_moe(moe_config(moe_renorm=False, moe_n_shared=3))
+    assert moe.shared_expert.up.out_features == 3 * 24 and not hasattr(moe, "shared_gate")
+    with torch.no_grad():
+        hf.gate.weight.copy_(moe.router.weight)
+        hf.experts.gate_up_proj.copy_(torch.cat((moe.gate, moe.up), dim=1))   # (E, 2F, C)
+        hf.experts.down_proj.copy_(moe.down)
+        for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+            getattr(hf.shared_experts, theirs).weight.copy_(getattr(moe.shared_expert, ours).weight)
+        x = torch.randn(2, 13, 32, generator=torch.Generator().manual_seed(1))
+        want, got = hf(x), moe(x)
+        shared = moe.shared_expert(x)
+    assert shared.abs().max() > 0.3                                # the shared part matters
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("keys", [dict(n_expert=4), dict(moe_top_k=1), dict(moe_n_shared=2),
+                                  dict(moe_router="expert_choice"), dict(moe_aux_weight=0.1)])
+def test_moe_keys_without_moe_layers_are_an_error(keys):
+    """Setting an MoE key on a dense model would silently build a dense one: refused, naming the
+    key and ffn_pattern."""
+    with pytest.raises(ValueError) as e:
+        Config(**keys)
+    msg = str(e.value)
+    key = next(iter(keys))
+    assert msg.startswith(f"{key}=") and "ffn_pattern=['dense'] has none" in msg and "\n" not in msg
+    assert Config(**keys, ffn_pattern=["dense", "moe"]).n_expert == keys.get("n_expert", 8)
+
+
+def test_gated_and_ungated_shared_experts_are_one_choice():
+    with pytest.raises(ValueError, match="set one"):
+        moe_config(moe_shared_d_ff=16, moe_n_shared=1)

@@ -8,8 +8,9 @@ cache; states change only at block ends; gradients reach the gates; attention is
 only the states carry information further back; generation equals greedy full forwards. With
 compressed memories (Rae et al. 2019, mean pooling) and the dynamic position bias, a block_attn
 layer equals a per-query naive form, one call still equals segments, the compressed memory stays
-bounded and reaches exactly its slots back, memory/state dropout act only in training, and gradients
-reach the bias MLP.
+bounded and reaches exactly its slots back, memory/state dropout act only in training (whole
+memories and states, per row), and gradients reach the bias MLP. Enhanced recurrence (ERNIE-Doc)
+equals a naive block-by-block loop, one call still equals segments, and it reaches past the stack.
 """
 import pytest
 import torch
@@ -614,3 +615,121 @@ def test_brt_new_options_are_wired_and_validated():
         Config(position="dynamic_bias")
     with pytest.raises(ValueError, match="memory_dropout"):
         brt_config(memory_dropout=1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block-Recurrent Transformer: enhanced recurrence (ERNIE-Doc), whole-state dropout
+
+
+def naive_enhanced(model, ids):
+    """Block by block, layer by layer, nothing cached: layer i of block b attends causally to its
+    own block and to the whole previous block as the layer above (i+1; the top layer: itself) saw
+    it, that is, that layer's keys and values of its input there. Pre-norm blocks, RoPE."""
+    cfg, (B, T) = model.config, ids.shape
+    w, L, hs = cfg.block_width, cfg.n_layer, cfg.hs
+    g = cfg.n_head // cfg.kv_heads
+    heads = lambda t: t.view(B, t.shape[1], -1, hs).transpose(1, 2)          # noqa: E731
+    rot = lambda t, p: t * model.position.rotary(p, "block_attn")[0] + torch.cat(  # noqa: E731
+        (-t[..., hs // 2:], t[..., :hs // 2]), -1) * model.position.rotary(p, "block_attn")[1]
+    kv = lambda blk, h, p: [rot(heads(blk.mixer.k_proj(blk.norm_1(h))), p).repeat_interleave(g, 1),
+                            heads(blk.mixer.v_proj(blk.norm_1(h))).repeat_interleave(g, 1)]
+    inputs, out = {}, []                  # inputs[(i, b)]: layer i's input over block b
+    for b in range(T // w):
+        p = torch.arange(b * w, (b + 1) * w)
+        h = model.wte(ids[:, b * w:(b + 1) * w])
+        for i, blk in enumerate(model.blocks):
+            inputs[i, b] = h
+            a = blk.mixer
+            q = rot(heads(a.q_proj(blk.norm_1(h))), p)
+            k, v = kv(blk, h, p)
+            mask = torch.ones(w, w).tril().bool()
+            if b:
+                above = min(i + 1, L - 1)
+                mk, mv = kv(model.blocks[above], inputs[above, b - 1], p - w)
+                k, v = torch.cat((mk, k), 2), torch.cat((mv, v), 2)
+                mask = torch.cat((torch.ones(w, w).bool(), mask), 1)
+            s = (q @ k.transpose(-1, -2) * hs ** -0.5).masked_fill(~mask, float("-inf"))
+            y = (s.softmax(-1) @ v).transpose(1, 2).reshape(B, w, -1)
+            h = h + a.o_proj(y)
+            h = h + blk.ffn(blk.norm_2(h))
+        out.append(model.lm_head(model.norm_f(h)))
+    return torch.cat(out, 1)
+
+
+def test_enhanced_recurrence_matches_naive_reference():
+    m = build(brt_config(recurrent_layers=(), enhanced_recurrence=True))
+    x = ids_of(2, 20)
+    with torch.no_grad():
+        got, want = m(x).logits, naive_enhanced(m, x)
+        plain = build(brt_config(recurrent_layers=()))
+        plain.load_state_dict(m.state_dict())
+        assert close(got, want, 1e-5)
+        assert close(plain(x).logits[:, :4], got[:, :4], 1e-6)     # block 0 has no memory
+        assert not close(plain(x).logits[:, 4:], got[:, 4:], 1e-2)  # later ones: another memory
+
+
+@pytest.mark.parametrize("recurrent, compress", [((), 0), ((1,), 0), ((0, 2), 2)])
+def test_enhanced_recurrence_segments_equal_one_call(recurrent, compress):
+    """One call runs its blocks in turn through a cache, so any cut into segments, and decoding,
+    give the same logits."""
+    m = brt_model(recurrent_layers=recurrent, compress_factor=compress, compress_slots=2,
+                  position="dynamic_bias" if compress else "rope", enhanced_recurrence=True)
+    x = ids_of(2, CUTS[-1])
+    with torch.no_grad():
+        full = m(x).logits
+        seg, _ = segmented_logits(m, x, CUTS)
+        one_by_one, _ = segmented_logits(m, x, list(range(CUTS[-1] + 1)))
+        assert close(seg, full, 1e-5) and close(one_by_one, full, 1e-5)
+        prompt = x[:, :5]
+        assert torch.equal(m.generate(prompt, 15, temperature=0),
+                           greedy_full_forwards(m, prompt, 15))
+
+
+def test_enhanced_recurrence_reaches_past_the_stack():
+    """Block attention alone sees n_layer blocks back (test above); handing memories down the stack
+    makes the recurrence unbounded: a token 5 blocks back moves the last logits of a 2-layer stack
+    without any state vectors."""
+    m = build(brt_config(n_layer=2, recurrent_layers=(), enhanced_recurrence=True))
+    x = ids_of(2, 24)
+    for back in range(1, 6):
+        assert dependence(m, x, (5 - back) * 4 + 1) > 1e-4, back
+    for key in ("enhanced_recurrence", "memory_dropout", "state_dropout"):
+        with pytest.raises(ValueError, match=r"enhanced_recurrence, .* \(block_width > 0\)"):
+            Config(**{key: 0.5 if key.endswith("dropout") else True})
+
+
+def test_state_dropout_resets_whole_states_per_row():
+    """state_dropout, in training, has a row's block read (and update from) the initial states
+    instead of the carried ones, each row drawn apart; in eval it does nothing. Block 1 of each row
+    is then either the carried or the reset computation, both seen among 32 rows."""
+    m = build(brt_config(state_dropout=0.5))
+    x = ids_of(32, 8)                                             # two blocks of 4
+    with torch.no_grad():
+        carried = m(x).logits
+        cache = m.setup_cache(32, 0)
+        m(x[:, :4], cache=cache, input_pos=torch.arange(4))
+        cache[1].states = None                                    # the reset: initial states
+        reset = m(x[:, 4:], cache=cache, input_pos=torch.arange(4, 8)).logits
+        m.train()
+        torch.manual_seed(3)
+        got = m(x).logits
+    assert close(got[:, :4], carried[:, :4], 1e-6)                # block 0 reads the initial ones
+    is_carried = (got[:, 4:] - carried[:, 4:]).abs().amax((1, 2)) < 1e-5
+    is_reset = (got[:, 4:] - reset).abs().amax((1, 2)) < 1e-5
+    assert (is_carried ^ is_reset).all() and 4 < int(is_reset.sum()) < 28
+
+
+def test_memory_dropout_hides_whole_memories_per_row():
+    """memory_dropout, in training, hides a block's whole memory (the previous block) from some
+    rows: block 1 of each row is either the plain computation or block 1 alone, both seen."""
+    m = build(brt_config(recurrent_layers=(), memory_dropout=0.5))
+    x = ids_of(32, 8)
+    with torch.no_grad():
+        seen = m(x).logits[:, 4:]
+        alone = m(x[:, 4:], input_pos=torch.arange(4, 8)).logits      # no memory at all
+        m.train()
+        torch.manual_seed(4)
+        got = m(x).logits[:, 4:]
+    is_seen = (got - seen).abs().amax((1, 2)) < 1e-5
+    is_alone = (got - alone).abs().amax((1, 2)) < 1e-5
+    assert (is_seen ^ is_alone).all() and 4 < int(is_alone.sum()) < 28
