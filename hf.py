@@ -654,6 +654,11 @@ def hf_rope(cfg):
         rope.update(original_max_position_embeddings=cfg.rope_original_max_len,
                     low_freq_factor=cfg.rope_low_freq_factor,
                     high_freq_factor=cfg.rope_high_freq_factor)
+    if kind == "yarn":
+        rope.update(original_max_position_embeddings=cfg.rope_original_max_len,
+                    beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow)
+        if cfg.rope_attn_factor is not None:
+            rope["attention_factor"] = cfg.rope_attn_factor
     return rope
 
 
@@ -843,7 +848,9 @@ def effective(cfg: Config) -> dict:
         "rope_theta": not rope, "rope_scaling": not rope, "rope_fraction": not rope,
         "rope_local_theta": not rope or "local_attn" not in mixers,
         "rope_factor": not rope or scaling == "none",
-        "rope_original_max_len": not rope or scaling not in ("llama3", "dynamic"),
+        "rope_original_max_len": not rope or scaling not in ("llama3", "dynamic", "yarn"),
+        **{k: not rope or scaling != "yarn" for k in ("rope_beta_fast", "rope_beta_slow",
+                                                      "rope_attn_factor")},
         "rope_low_freq_factor": not rope or scaling != "llama3",
         "rope_high_freq_factor": not rope or scaling != "llama3",
         "pos_offset": cfg.position != "learned",
