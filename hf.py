@@ -140,6 +140,8 @@ def qwen3_moe_config(hf):  # MoE where (i+1) % decoder_sparse_step == 0, except 
     step, dense = hf.get("decoder_sparse_step", 1), hf.get("mlp_only_layers") or []
     pattern = ["moe" if i not in dense and (i + 1) % step == 0 else "dense"
                for i in range(hf["num_hidden_layers"])]
+    if "moe" not in pattern:  # every layer dense: a Qwen3 with unused MoE settings
+        return {**qwen3_config(hf), "ffn_pattern": pattern}
     return {**qwen3_config(hf), "ffn_pattern": pattern,
             "n_expert": hf.get("num_local_experts") or hf["num_experts"],
             "moe_top_k": hf["num_experts_per_tok"], "moe_d_ff": hf["moe_intermediate_size"],

@@ -870,8 +870,6 @@ def sample_text(model, tok, splits, objective, tc: TrainConfig, env: Env, max_to
         T = model.config.block_size
         prompt = prompt[-(T // 2):]
         n = tc.sample_tokens if max_tokens is None else max_tokens
-        if model.config.positions_bounded:  # a position table ends at T
-            n = max(0, min(n, T - len(prompt)))
         gen = torch.Generator(device=env.device).manual_seed(tc.seed)
         with env.autocast():
             ids = model.generate(torch.tensor([prompt], device=env.device), n,

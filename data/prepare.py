@@ -117,7 +117,7 @@ def download(url, path, name, extract=None):
         except (OSError, zipfile.BadZipFile, KeyError) as e:
             file = extract or url.rsplit("/", 1)[-1]
             raise ValueError(f"could not download {name} from {url} ({e}); download it yourself "
-                             f"and pass the file: --data={file}") from None
+                             f"and save {file} as {path}, where the next run finds it") from None
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(data)

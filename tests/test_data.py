@@ -126,7 +126,7 @@ def test_shakespeare_offline_is_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     msg = one_line_error(P.prepare, "shakespeare", tmp_path / "out")
     assert f"could not download tiny-shakespeare from {P.SHAKESPEARE_URL}" in msg
-    assert "--data=input.txt" in msg
+    assert f"save input.txt as {tmp_path / 'tinyshakespeare.txt'}," in msg
 
 
 def test_unknown_tokenizer_name_suggests():
@@ -294,7 +294,8 @@ def test_enwik8_offline_is_one_line_error(tmp_path, monkeypatch):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     msg = one_line_error(P.prepare, "enwik8", tmp_path / "out", "byte")
-    assert f"could not download enwik8 from {P.ENWIK8_URL}" in msg and "--data=enwik8" in msg
+    assert f"could not download enwik8 from {P.ENWIK8_URL}" in msg
+    assert f"save enwik8 as {tmp_path / 'enwik8'}," in msg
 
 
 @pytest.fixture(scope="module")

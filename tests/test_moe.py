@@ -429,3 +429,16 @@ def test_moe_keys_without_moe_layers_are_an_error(keys):
 def test_gated_and_ungated_shared_experts_are_one_choice():
     with pytest.raises(ValueError, match="set one"):
         moe_config(moe_shared_d_ff=16, moe_n_shared=1)
+
+
+def test_qwen3_moe_with_every_layer_dense_imports_as_a_dense_model(tmp_path):
+    kw = dict(QWEN3_MOE, num_hidden_layers=2, mlp_only_layers=[0, 1])
+    torch.manual_seed(0)
+    hf = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**kw))
+    redraw(hf)
+    hf.eval().save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path)
+    assert [f for _, f in ours.layer_types] == ["dense", "dense"]
+    x = ids(2, 12, 3)
+    with torch.no_grad():
+        assert (ours(x).logits - hf(x).logits).abs().max().item() <= TOL
