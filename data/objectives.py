@@ -372,6 +372,9 @@ def check_objective(name, cfg, base_vocab=None, pair_task="none"):
     if name == "mlm" and cfg.block_size < 5:
         raise ValueError(f"block_size={cfg.block_size} cannot hold [CLS] A [SEP] B [SEP]; use "
                          f"block_size >= 5")
+    if name == "classify" and cfg.architecture == "encoder_only" and cfg.block_size < 3:
+        raise ValueError(f"block_size={cfg.block_size} cannot hold [CLS] text [SEP]; use "
+                         f"block_size >= 3")
     if name == "span":
         span_window(*(stack_config(cfg, part).block_size for part in ("encoder", "decoder")))
 

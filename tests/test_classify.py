@@ -289,6 +289,8 @@ def test_ddp_classify(tmp_path, tsv, sift):
     (["--objective=lm", "--sift"], "sift=true perturbs a classifier's inputs: it needs "
                                    "objective=classify (here lm)"),
     (["--sift_eps=0"], "sift_eps=0.0 must be > 0 and finite"),
+    ([*ARCHS["encoder"], "--block_size=2"], "block_size=2 cannot hold [CLS] text [SEP]; use "
+                                            "block_size >= 3"),
 ])
 def test_bad_classify_runs_are_one_line_errors(tmp_path, tsv, args, message):
     with pytest.raises(ValueError) as e:
