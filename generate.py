@@ -5,6 +5,7 @@
   python generate.py --hf path/to/t5-small --source "translate English to German: Hello"
   python generate.py --hf path/to/bert-base-uncased --fill_mask "The [MASK] sat on the mat."
   python generate.py --checkpoint out/ckpt.pt --ids 1,2,3       # raw token ids, used as given
+  python generate.py --checkpoint out/ckpt.pt --classify "a superb film"   # objective=classify
 
 Each architecture takes its own input: a decoder_only model continues --prompt, an
 encoder_decoder one encodes --source once and streams the target it decodes, an encoder_only one
@@ -14,6 +15,8 @@ HF directory's tokenizer.json (data/tokenizers.py), with the special tokens the 
 (BOS, </s>, [CLS] ... [SEP]); sampling stops at the end-of-sequence token. The text goes to stdout
 as it is generated; tokens/s goes to stderr. Bad input ends in one line on stderr, "error: ...",
 and exit status 2.
+A checkpoint trained with objective=classify takes --classify TEXT instead and prints the
+predicted label, then each class's probability.
 """
 import argparse
 import json
@@ -25,6 +28,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from data.objectives import class_probs
 from data.tokenizers import ObjectiveTokenizer, get_tokenizer, hf_tokenizer
 from model import Transformer, check_sampling, from_checkpoint, load_checkpoint
 
@@ -78,6 +82,8 @@ def parse_args(argv):
     given.add_argument("--fill_mask", help="encoder_only: a text whose [MASK]s the model fills in")
     given.add_argument("--ids", help="the input as comma-separated token ids, used as given "
                                      "(nothing added)")
+    given.add_argument("--classify", help="a checkpoint trained with objective=classify: the text "
+                                          "to label")
     p.add_argument("--max_new_tokens", type=int, default=None,
                    help=f"default {DEFAULT_NEW_TOKENS} (an encoder-decoder's fewer where its "
                         f"decoder's position table ends sooner); past a learned position table "
@@ -127,6 +133,7 @@ class Loaded(NamedTuple):
     mask_id: int | None   # the token --fill_mask fills
     n_fill: int           # a mask is filled with an id below this (ours: a text token, never a
                           # special one)
+    classes: tuple = ()   # a classifier's labels (objective=classify)
 
 
 def load(args):
@@ -136,8 +143,9 @@ def load(args):
         model, meta, objective = from_checkpoint(ckpt), ckpt.get("tokenizer"), ckpt.get(
             "objective", "lm")
         tok = get_tokenizer(meta) if meta else None
-        if tok is None or objective == "lm":
-            return Loaded(model, tok, tok.encode if tok else None, (), None, 0)
+        if tok is None or objective in ("lm", "classify"):  # classify frames the text itself
+            return Loaded(model, tok, tok.encode if tok else None, (), None, 0,
+                          tuple(ckpt.get("classes", ())))
         tok = ObjectiveTokenizer(tok, objective)
         return Loaded(model, tok, tok.encode, (tok.eos,), tok.mask_id, tok.base)
     hf_dir = Path(args.hf)
@@ -303,6 +311,23 @@ def sample(model, x, tok, stop, generator, echo, args):
 
 
 @torch.no_grad()
+def classify(model, loaded, text, name):
+    """--classify: the predicted label, then every class with its probability, most likely
+    first."""
+    if not loaded.classes:
+        raise ValueError(f"{name} is not a classifier: --classify takes a checkpoint that train.py "
+                         f"wrote with objective=classify")
+    ids = loaded.encode(text)
+    if not ids:
+        raise ValueError("--classify got no text; pass the text to label")
+    probs = class_probs(model, [ids], loaded.tok.vocab_size)[0]          # (n_classes,)
+    order = probs.argsort(descending=True).tolist()
+    print(loaded.classes[order[0]])
+    for i in order:
+        print(f"  {loaded.classes[i]}: {probs[i]:.4f}")
+
+
+@torch.no_grad()
 def fill_mask(model, x, tok, mask_id, n_fill, top_k):
     """For each mask in x (1, T), one line: its top_k candidates with their probabilities; then
     the input with every mask replaced by its most likely candidate."""
@@ -326,6 +351,12 @@ def run(args):
     device = pick_device(args.device)
     loaded = load(args)
     model, name = loaded.model, args.checkpoint or args.hf
+    if args.classify is not None:
+        return classify(model.to(device=device, dtype=DTYPES[args.dtype]).eval(), loaded,
+                        args.classify, name)
+    if loaded.classes:
+        raise ValueError(f"{name} is a classifier (objective=classify): give its text with "
+                         f"--classify TEXT")
     arch = model.config.architecture
     ids, echo = input_ids(args, arch, loaded, name, model.config.vocab_size)
     if arch == "encoder_only" and loaded.mask_id is None:

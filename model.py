@@ -28,7 +28,10 @@ Index: every variant is a Config value; this is where each one lives.
   Universal Tr.     layer_groups 1 + depth_embedding (Transformer.depth_signal) + ACT
   Block-Recurrent   BlockAttention (XL memory, compression), RecurrentAttention, StateGate,
                     BlockMemory; enhanced_recurrence: Transformer.hidden
+  heads             Transformer.lm_logits (LinearCrossEntropy: the LM head fused with its loss),
+                    Transformer.classify (cls_head, n_classes: NSP, SOP, classification)
   stochastic depth  DropPath
+  memory            grad_checkpoint (Block.residual: per residual branch), LinearCrossEntropy
   decoding          Transformer.setup_cache, generate (crops past a position table), sample_loop,
                     sample, LOGIT_FILTERS
   input checks      LIMITS, Config.check_layout, read_yaml, check_key (FOREIGN_KEYS), check_inputs,
@@ -49,6 +52,7 @@ from typing import NamedTuple, Union, get_args, get_origin
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 # ----------------------------------------------------------------------------------------------
@@ -142,7 +146,8 @@ class Config:
     layer_groups: int | None = None   # the n_layer layers share this many blocks (ALBERT)
     head_transform: bool = False      # dense -> activation -> norm before the output matrix (BERT)
     head_bias: bool = False           # a bias on the output logits (BERT's MLM head)
-    cls_head: bool = False            # pooler tanh(W h[:, 0]) + 2-way classifier (NSP, SOP)
+    cls_head: bool = False            # a sequence classifier: see Transformer.classify
+    n_classes: int = 2                # its classes (NSP, SOP: 2; a classify run: the data's labels)
     emd_steps: int = 0                # DeBERTa's enhanced mask decoder: the MLM head reads the last
                                       # block run this many times more, queries + absolute positions
     # recurrence in time: Block-Recurrent Transformer (block_width > 0 lays out its layers)
@@ -167,7 +172,7 @@ class Config:
     drop_path: float = 0.0            # stochastic depth rate of every residual branch
     init_std: float = 0.02
     scaled_residual_init: bool = True  # output projections drawn with std/sqrt(2*n_layer) (GPT-2)
-    grad_checkpoint: bool = False     # recompute each block's activations in backward
+    grad_checkpoint: bool = False     # recompute each residual branch's activations in backward
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -290,7 +295,7 @@ LIMITS = {  # rule -> (test, the fields it covers); None (an unset option) passe
              "d_ff rope_original_max_len rel_buckets rel_max_distance hybrid_ratio sliding_window "
              "dn_heads dn_v_heads dn_head_dim dn_v_head_dim dn_conv dn_chunk n_expert moe_top_k "
              "moe_d_ff moe_shared_d_ff embed_dim layer_groups n_states compress_slots "
-             "pos_bias_dim"),
+             "pos_bias_dim n_classes"),
     ">= 0": (lambda v: v >= 0, "n_layer decoder_start_token_id pos_offset type_vocab_size "
              "block_width compress_factor moe_aux_weight moe_z_weight moe_n_shared emd_steps "
              "act_weight"),
@@ -1396,8 +1401,17 @@ class Block(nn.Module):
             self.post_norm_x = nn.Identity()
         self.ffn = MoE(cfg) if ffn == "moe" else FFNS[cfg.ffn](cfg)
         self.drop_path = DropPath(cfg.drop_path)
+        self.grad_checkpoint = cfg.grad_checkpoint
 
     def residual(self, x, norm, post_norm, f):                       # one branch; x: (B, T, C)
+        # grad_checkpoint keeps only each branch's input for backward and recomputes the rest
+        # there: per branch, not per block, so that backward holds one branch's activations at a
+        # time, not a whole block's, for the cost of one more saved input per layer
+        if self.grad_checkpoint and self.training:
+            return checkpoint(self.branch, x, norm, post_norm, f, use_reentrant=False)
+        return self.branch(x, norm, post_norm, f)
+
+    def branch(self, x, norm, post_norm, f):
         if self.post_ln:
             return norm(x + self.drop_path(f(x)))
         return x + self.drop_path(post_norm(f(norm(x))))
@@ -1449,10 +1463,10 @@ class ACT(nn.Module):
 
 
 class ModelOutput(NamedTuple):
-    logits: torch.Tensor               # (B, T, V)
+    logits: torch.Tensor | None        # (B, T, V); None for a classification call (see forward)
     loss: torch.Tensor | None          # mean cross-entropy over targets != -1, or None
     aux_loss: torch.Tensor             # auxiliary losses (MoE balance, ACT ponder cost); 0 if none
-    cls_logits: torch.Tensor | None = None  # (B, 2) NSP / SOP logits when the config has cls_head
+    cls_logits: torch.Tensor | None = None  # (B, n_classes) when the config has cls_head
 
 
 def check_inputs(ids, name="input_ids", **same_shape):
@@ -1481,6 +1495,77 @@ def check_ids(ids, vocab_size, what="input_ids"):
     if bool(bad.any()):
         raise ValueError(f"{what} holds token id {int(ids[bad][0])}, outside the model's "
                          f"vocabulary [0, {vocab_size}); was it made by another tokenizer?")
+
+
+CE_CHUNK = 1 << 23  # LinearCrossEntropy: elements of each row block's (rows, V) temporaries
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """The LM head and its loss in one: logits = softcap(h·Wᵀ + b) and their mean cross-entropy
+    against targets (-1: ignored), computed in blocks of CE_CHUNK // V rows. Each block's
+    gradients are taken in forward, while its softmax is at hand, so backward only scales them:
+    nothing (N, V)-sized is saved for backward (F.cross_entropy keeps an fp32 log-softmax, and its
+    backward makes two more) and no matmul runs twice (as in Liger's fused linear cross-entropy,
+    Hsu et al. 2024, arXiv:2410.10989). The logits are returned, not saved: they are freed when
+    the caller drops them, and a loss of the caller's on them still gets its gradient."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, softcap, grad):
+        """h (N, E), weight (V, E), bias (V,) or None, targets (N,); grad: gradients will be
+        wanted (grad mode was on). Returns (loss, logits (N, V))."""
+        valid = targets >= 0
+        count = valid.sum()
+        share = valid / count.clamp_min(1)          # (N,) each row's weight in the mean
+        need = [grad and t is not None and t.requires_grad for t in (h, weight, bias)]
+        acc = [torch.zeros_like(t, dtype=torch.float32) if n else None
+               for t, n in zip((h, weight, bias), need)]
+        logits, loss, step = None, 0, max(1, CE_CHUNK // len(weight))
+        for i in range(0, len(h), step):
+            rows, hi = slice(i, i + step), h[i:i + step]
+            z = F.linear(hi, weight, bias)                                    # (n, V)
+            y = z if softcap is None else softcap * torch.tanh(z / softcap)
+            logits = y.new_empty(len(h), len(weight)) if logits is None else logits
+            logits[rows] = y
+            y = y.float()
+            lse = y.logsumexp(-1)                                             # (n,)
+            t = targets[rows].clamp_min(0)[:, None]                           # (n, 1)
+            loss = loss + ((lse - y.gather(1, t).squeeze(1)) * valid[rows]).sum()
+            if not any(need):
+                continue
+            g = y.sub_(lse[:, None]).exp_()                     # softmax, over y's memory
+            g.scatter_add_(1, t, torch.full_like(g[:, :1], -1.0))          # minus the one-hot
+            g.mul_(share[rows, None])                                         # d loss / d logits
+            if softcap is not None:                             # d cap·tanh(z/cap) / dz
+                g.mul_(1 - (logits[rows].float() / softcap) ** 2)
+            if need[2]:
+                acc[2] += g.sum(0)
+            g = g.to(z.dtype)                                   # autocast: as backward would
+            if need[0]:
+                acc[0][rows] = g @ weight
+            if need[1] and g.dtype == torch.float32:  # in place: a (V, E) temporary per block
+                acc[1].addmm_(g.t(), hi)              # would cost more than the product
+            elif need[1]:
+                acc[1] += g.t() @ hi
+        ctx.save_for_backward(h, weight, bias)
+        ctx.softcap, ctx.acc = softcap, acc
+        ctx.set_materialize_grads(False)
+        return loss / count, logits
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_loss, d_logits):
+        h, weight, bias = ctx.saved_tensors
+        grads = [None if a is None or d_loss is None else a.mul_(d_loss) for a in ctx.acc]
+        ctx.acc = None                                      # free them now, not with the graph
+        if d_logits is not None:  # the caller's own loss on the logits (rare: full size, fp32)
+            dz = d_logits.float()
+            if ctx.softcap is not None:
+                dz = dz * (1 - torch.tanh(F.linear(h, weight, bias).float() / ctx.softcap) ** 2)
+            extra = (dz @ weight.float(), dz.t() @ h.float(), dz.sum(0))
+            grads = [e if g is None else g + e for g, e in zip(grads, extra)]
+        return (*[g.to(t.dtype) if g is not None and n else None
+                  for g, t, n in zip(grads, (h, weight, bias), ctx.needs_input_grad)],
+                None, None, None)
 
 
 class Transformer(nn.Module):
@@ -1518,8 +1603,11 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(E, cfg.vocab_size, bias=cfg.head_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        if cfg.cls_head:
-            self.pooler, self.cls = nn.Linear(cfg.d_model, cfg.d_model), nn.Linear(cfg.d_model, 2)
+        if cfg.cls_head:  # the sequence classifier (see classify)
+            bidirectional = cfg.architecture == "encoder_only"
+            if bidirectional:
+                self.pooler = nn.Linear(cfg.d_model, cfg.d_model)
+            self.cls = nn.Linear(cfg.d_model, cfg.n_classes, bias=bidirectional)
         if cfg.emd_steps:  # DeBERTa's absolute positions, read only by the enhanced mask decoder
             self.emd_pos = nn.Embedding(cfg.block_size, cfg.d_model)
         if cfg.depth_embedding == "sinusoidal":  # UT's coordinate embedding: position and step
@@ -1582,24 +1670,23 @@ class Transformer(nn.Module):
 
         With `cache` (from setup_cache) the new tokens sit at `input_pos` (T,); a call starting at
         position 0 is a prefill, a later one attends over the cached keys. Encoders take
-        token_type_ids (B, T), attention_mask (B, T) with 1 = keep, and cls_targets (B,) for
-        NSP/SOP. A decoder with cross_attention reads `memory` (B, S, C), padding `memory_mask`.
+        token_type_ids (B, T) and attention_mask (B, T) with 1 = keep. With cls_head, cls_targets
+        (B,) add the classifier's cross-entropy to the loss (NSP, SOP, classification); a call
+        with cls_targets and no targets skips the LM head (logits None). A decoder with
+        cross_attention reads `memory` (B, S, C), padding `memory_mask`.
         """
         cfg = self.config
         check_inputs(input_ids, targets=targets, token_type_ids=token_type_ids,
                      attention_mask=attention_mask)
-        x = self.hidden(input_ids, cache, input_pos, token_type_ids, attention_mask, memory,
-                        memory_mask, mask_decoder=True)
-        if cfg.head_input_scale is not None:
-            x = x * cfg.head_input_scale
-        logits = self.lm_head(self.head_transform(x))                     # (B, T, V)
-        if cfg.final_softcap is not None:
-            logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
-        cls_logits = self.cls(torch.tanh(self.pooler(x[:, 0]))) if cfg.cls_head else None
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, -2), targets.reshape(-1),
-                                   ignore_index=-1)
+        if cls_targets is not None and not cfg.cls_head:
+            raise ValueError("cls_targets train the sequence classifier, which this config lacks; "
+                             "set cls_head: true")
+        x, h = self.hidden(input_ids, cache, input_pos, token_type_ids, attention_mask, memory,
+                           memory_mask, mask_decoder=True)
+        cls_logits = self.classify(x, attention_mask) if cfg.cls_head else None
+        logits = loss = None
+        if targets is not None or cls_targets is None:
+            logits, loss = self.lm_logits(h, targets)
         if cls_targets is not None:
             loss = (0 if loss is None else loss) + F.cross_entropy(cls_logits.float(), cls_targets)
         aux = sum((m.aux_loss for m in self.aux_modules), torch.zeros((), device=x.device))
@@ -1608,10 +1695,42 @@ class Transformer(nn.Module):
             aux = aux + cfg.moe_aux_weight * balance_loss(loads, cfg.n_expert)
         return ModelOutput(logits, loss, aux, cls_logits)
 
+    def lm_logits(self, x, targets=None):
+        """Final states x (B, T, C) -> (logits (B, T, V), mean cross-entropy over targets != -1,
+        or None without targets). With targets the head and its loss run fused, in row blocks
+        (LinearCrossEntropy): no (B, T, V) fp32 tensor is kept for backward."""
+        cfg = self.config
+        if cfg.head_input_scale is not None:
+            x = x * cfg.head_input_scale
+        h = self.head_transform(x)                                        # (B, T, E)
+        if targets is None:
+            logits = self.lm_head(h)                                      # (B, T, V)
+            if cfg.final_softcap is not None:
+                logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
+            return logits, None
+        loss, logits = LinearCrossEntropy.apply(h.flatten(0, -2), self.lm_head.weight,
+                                                self.lm_head.bias, targets.reshape(-1),
+                                                cfg.final_softcap, torch.is_grad_enabled())
+        return logits.view(*h.shape[:-1], -1), loss
+
+    def classify(self, x, attention_mask=None):
+        """Sequence logits (B, n_classes) from the final states x (B, T, C). An encoder pools its
+        first token ([CLS]) through BERT's pooler tanh(W h), as NSP/SOP and fine-tuning do (Devlin
+        et al. 2018); a causal decoder reads its last real token (the last 1 of attention_mask),
+        the only one that has seen the whole text, with a bias-free matrix (HF's `score` in
+        GPT2/LlamaForSequenceClassification)."""
+        if self.config.architecture == "encoder_only":
+            return self.cls(torch.tanh(self.pooler(x[:, 0])))
+        last = torch.full((len(x),), x.shape[1] - 1, device=x.device)            # (B,)
+        if attention_mask is not None:  # right-padded rows: the position of each row's last 1
+            last = (attention_mask.bool() * torch.arange(x.shape[1], device=x.device)).argmax(-1)
+        return self.cls(x[torch.arange(len(x), device=x.device), last])
+
     def hidden(self, input_ids, cache=None, input_pos=None, token_type_ids=None,
                attention_mask=None, memory=None, memory_mask=None, mask_decoder=False):
-        """Embeddings -> blocks -> final norm: the (B, T, C) states the heads read; with
-        mask_decoder, those of DeBERTa's enhanced mask decoder where the config has one."""
+        """Embeddings -> blocks -> final norm: the (B, T, C) states the classifier reads; with
+        mask_decoder, also those the LM head reads (DeBERTa's enhanced mask decoder's, or the
+        same) as a pair."""
         cfg, (B, T) = self.config, input_ids.shape
         pos = input_pos if input_pos is not None else torch.arange(T, device=input_ids.device)
         if cfg.enhanced_recurrence:  # ERNIE-Doc (arXiv:2012.15688): memories from the block before
@@ -1647,19 +1766,21 @@ class Transformer(nn.Module):
                 x = x + self.depth_signal(i, pos)
             if self.act is not None:
                 w, halting = self.act(x, halting, last=i == cfg.n_layer - 1)       # (B, T)
-            args = (x, ctx[self.mixer_types[i]], cache[i] if cache is not None else None, cross)
             kv = x                                             # the last block's input, for EMD
-            if cfg.grad_checkpoint and self.training:
-                x = checkpoint(self.blocks[b], *args, use_reentrant=False)
-            else:
-                x = self.blocks[b](*args)
+            x = self.blocks[b](x, ctx[self.mixer_types[i]], cache[i] if cache is not None else None,
+                               cross)
             if self.act is not None:
                 out = out + w[..., None].to(x.dtype) * x
-        if mask_decoder and cfg.emd_steps:  # He et al. 2020 sec. 3.2: the last block again over
-            x = kv + self.emd_pos(pos)     # its input, the queries from it + absolute positions
+        x = self.norm_f(out if self.act is not None else x)
+        if not mask_decoder:
+            return x
+        h = x                       # the states the LM head reads: x, or the mask decoder's
+        if cfg.emd_steps:  # He et al. 2020 sec. 3.2: the last block again over its input, the
+            h = kv + self.emd_pos(pos)              # queries from it + absolute positions
             for _ in range(cfg.emd_steps):
-                x = self.blocks[self.block_of[-1]](x, ctx[self.mixer_types[-1]], None, cross, kv)
-        return self.norm_f(out if self.act is not None else x)
+                h = self.blocks[self.block_of[-1]](h, ctx[self.mixer_types[-1]], None, cross, kv)
+            h = self.norm_f(h)
+        return x, h
 
     def context(self, mixer, pos, cache, pad, decoding) -> Context:
         """What the layers of one mixer type read about this call. Attention layers (attn,

@@ -6,6 +6,7 @@
   python train.py configs/bert_base.yaml --data=my.txt    # masked LM + next-sentence prediction
   python train.py configs/t5_small.yaml --data=my.txt     # T5 span corruption
   python train.py configs/t5_small.yaml --data=pairs.tsv  # seq2seq on source<TAB>target lines
+  python train.py configs/bert_base.yaml --data=labels.tsv   # classify text<TAB>label lines
   python train.py configs/brt_enwik8.yaml                 # block-recurrent, truncated BPTT
   python train.py --resume --out_dir=out --max_iters=4000 # continue exactly where ckpt.pt stopped
   python train.py --init_from=path/to/hf_dir --data=my.txt --export=hf  # fine-tune a HF model
@@ -18,11 +19,12 @@ file the model keys (model.Config) sit at the top level and the training keys (T
 a `train:` section; on the command line both are flat --key=value. Values are checked against the
 field types and ranges before anything is written. Without a YAML file (and without --resume or
 --init_from) the model is configs/tiny.yaml. The objective follows the architecture
-(data/objectives.py): lm for a decoder, mlm for an encoder, span corruption for an encoder-decoder,
-or seq2seq when the data is a .tsv file of pairs. --init_from starts from the weights, config and
-tokenizer of a checkpoint or a HF-format directory (model keys may then only change what keeps the
-weights' shapes: dropout, grad_checkpoint, a smaller block_size, ...); --resume continues such a
-run as any other.
+(data/objectives.py): lm for a decoder, mlm for an encoder, span corruption for an encoder-decoder;
+on a .tsv file an encoder classifies text<TAB>label lines and an encoder-decoder learns seq2seq on
+source<TAB>target lines (--objective=classify also fine-tunes a decoder's classifier).
+--init_from starts from the weights, config and tokenizer of a checkpoint or a HF-format directory
+(model keys may then only change what keeps the weights' shapes: dropout, grad_checkpoint, a
+smaller block_size, ...); --resume continues such a run as any other.
 Writes to out_dir: ckpt.pt (last; resumable), ckpt_best.pt (weights of the best val loss),
 metrics.jsonl, data/ (the tokenised corpus) and, with --export, model_fp16.pt / model_bf16.pt or
 hf/ (config.json, model.safetensors, tokenizer.json: what transformers' Auto classes load).
@@ -44,7 +46,7 @@ import sys
 import tempfile
 import time
 import types
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, get_args
@@ -60,6 +62,7 @@ from data.objectives import (
     config_overrides,
     default_objective,
     lm_batch,
+    load_labeled,
     load_pairs,
     show,
     special_ids,
@@ -122,8 +125,13 @@ class TrainConfig:
     tokenizer: str = "auto"           # auto (init_from's, or char) | char | byte | bpe | hf:PATH
     bpe_vocab_size: int = 1024        # vocabulary trained on the text when tokenizer is bpe
     # objective (data/objectives.py)
-    objective: str = "auto"           # auto (by architecture) | lm | mlm | span | seq2seq
+    objective: str = "auto"           # auto (by model) | lm | mlm | span | seq2seq | classify
     pair_task: str = "auto"           # mlm's cls head: auto (nsp if cls_head) | none | nsp | sop
+    # classify: SiFT, adversarial training on the normalized embeddings (see sift_loss)
+    sift: bool = False                # add SiFT's symmetric-KL term to the loss
+    sift_eps: float = 1e-2            # std of the perturbation's random start
+    sift_step: float = 1e-3           # its ascent step: each token's largest coordinate moves this
+    sift_weight: float = 1.0          # weight of the term in the loss
     segments: int = 1                 # block-recurrent: calls per window, state carried, BPTT cut
     # starting point: fine-tuning
     init_from: str | None = None      # start from a ckpt.pt, a ckpt_best.pt or a HF-format dir
@@ -189,6 +197,9 @@ class TrainConfig:
             "beta2": (0 <= self.beta2 < 1, "in [0, 1)"),
             "grad_clip": (finite(self.grad_clip) and self.grad_clip >= 0,
                           ">= 0 (0 disables clipping)"),
+            "sift_eps": (finite(self.sift_eps) and self.sift_eps > 0, "> 0 and finite"),
+            "sift_step": (finite(self.sift_step) and self.sift_step >= 0, ">= 0 and finite"),
+            "sift_weight": (finite(self.sift_weight) and self.sift_weight >= 0, ">= 0 and finite"),
             "sample_temperature": (finite(self.sample_temperature) and self.sample_temperature >= 0,
                                    ">= 0 (0 = greedy)"),
             "peak_tflops": (self.peak_tflops is None or finite(self.peak_tflops)
@@ -385,9 +396,14 @@ def check_run(tc: TrainConfig, arch: Config, objective: str, pair_task: str):
                          f"--resume to continue it, another --out_dir, or --overwrite=true to "
                          f"replace it")
     check_objective(objective, arch, None, pair_task)
-    if objective == "seq2seq" and (tc.data in CORPORA or Path(tc.data).is_dir()):
-        raise ValueError(f"objective=seq2seq reads source<TAB>target lines from a text file, not "
-                         f"data={tc.data!r}; pass --data=pairs.tsv")
+    tsv = {"seq2seq": ("source<TAB>target", "pairs"), "classify": ("text<TAB>label", "labels")}
+    if objective in tsv and (tc.data in CORPORA or Path(tc.data).is_dir()):
+        lines, example = tsv[objective]
+        raise ValueError(f"objective={objective} reads {lines} lines from a text file, not "
+                         f"data={tc.data!r}; pass --data={example}.tsv")
+    if tc.sift and objective != "classify":
+        raise ValueError(f"sift=true perturbs a classifier's inputs: it needs objective=classify "
+                         f"(here {objective}); drop --sift")
     K, T = tc.segments, arch.block_size
     if K > 1 and not (arch.block_width and objective == "lm"):
         raise ValueError(f"segments={K} carries block-recurrent state from call to call: it needs "
@@ -418,6 +434,7 @@ class Init(NamedTuple):
     tokenizer: str | None             # the --tokenizer that rebuilds its tokenizer; None: none does
     tokenizer_meta: dict | None       # that tokenizer as the data must give it back (char, bpe)
     token_ids: dict                   # a HF directory's bos/eos/pad ids, for --export=hf
+    classes: list | None = None       # a classify checkpoint's labels
 
 
 # a checkpoint's tokenizer -> the --tokenizer name that makes it again; char and bpe are fitted to
@@ -445,7 +462,8 @@ def load_init(path) -> Init:
     ckpt = load_checkpoint(path)
     meta = ckpt.get("tokenizer")
     name = TOKENIZER_NAMES[meta["kind"]](meta) if meta and meta["kind"] in TOKENIZER_NAMES else None
-    return Init(ckpt["config"], ckpt["model"], name, meta, ckpt.get("hf_token_ids") or {})
+    return Init(ckpt["config"], ckpt["model"], name, meta, ckpt.get("hf_token_ids") or {},
+                ckpt.get("classes"))
 
 
 def shapes(raw: dict) -> dict:
@@ -559,10 +577,11 @@ def read_meta(data_dir):
 
 def load_data(tc: TrainConfig, arch: Config, objective: str, env: Env, scratch=None):
     """(tokenizer, {"train": ..., "val": ...}): the corpus tokenised once into out_dir/data by
-    rank 0, then mapped by every rank, or the source/target pairs of a .tsv file for seq2seq.
-    Token ids are checked against the tokenizer here, once, so that no step needs a device sync
-    to check them. With a scratch directory (eval_only, which writes nothing) data that out_dir
-    does not hold prepared yet is prepared there, by every rank."""
+    rank 0, then mapped by every rank, or the lines of a .tsv file for seq2seq (source/target
+    pairs) and classify (labeled texts). Token ids are checked against the tokenizer here, once,
+    so that no step needs a device sync to check them. With a scratch directory (eval_only,
+    which writes nothing) data that out_dir does not hold prepared yet is prepared there, by every
+    rank."""
     if (Path(tc.data) / "meta.json").is_file():
         data_dir = Path(tc.data)
     else:
@@ -586,6 +605,9 @@ def load_data(tc: TrainConfig, arch: Config, objective: str, env: Env, scratch=N
                              f"split needs at least {math.ceil(1 / VAL_FRACTION)} (pass a longer "
                              f"file)")
         return tok, {"train": pairs[:-n_val], "val": pairs[-n_val:]}
+    if objective == "classify":  # text<TAB>label lines; the classes are the train lines' labels
+        train, val = load_labeled(tc.data, tok)
+        return tok, {"train": train, "val": val}
     splits = {s: load_tokens(data_dir / f"{s}.bin", meta["dtype"]) for s in ("train", "val")}
     window = tc.segments * arch.block_size
     for s, d in splits.items():
@@ -600,6 +622,19 @@ def load_data(tc: TrainConfig, arch: Config, objective: str, env: Env, scratch=N
                              f"tokenizer's {tok.vocab_size} ids; prepare the data again "
                              f"(data/prepare.py) or pass the text file")
     return tok, splits
+
+
+def with_classes(model, n_classes):
+    """A pretrained model (an --init_from checkpoint or HF directory) with a new n_classes-way
+    classifier for objective=classify: every other weight as it was, including a pretrained
+    encoder's pooler (as HF's *ForSequenceClassification keeps it); the classifier (and a pooler
+    the model lacks) freshly initialized."""
+    cfg = dataclasses.replace(model.config, cls_head=True, n_classes=n_classes)
+    new = Transformer(cfg).to(next(model.parameters()).device)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("cls.")}
+    missing, unexpected = new.load_state_dict(state, strict=False)
+    assert not unexpected and {k.split(".")[0] for k in missing} <= {"cls", "pooler"}, missing
+    return new
 
 
 def shard(model):
@@ -698,10 +733,12 @@ def get_batch(data, gen, n, make, tc: TrainConfig, env: Env, model):
                for i in range(K)]
 
 
-def forward_backward(model, micro_batches, tc: TrainConfig, env: Env, scaler):
+def forward_backward(model, micro_batches, tc: TrainConfig, env: Env, scaler, raw_model=None):
     """The gradients of one optimizer step: each of the grad_accum x segments losses is divided by
     their number, so the sum is the gradient of their mean. DDP (and FSDP) sync only on the last
-    backward. Returns the mean loss over micro-batches and ranks, a tensor (no device sync here)."""
+    backward. With sift, each loss also gets SiFT's term (sift_loss, run on raw_model, the model
+    unwrapped). Returns the mean loss (without SiFT's term) over micro-batches and ranks, a tensor
+    (no device sync here)."""
     n = tc.grad_accum * tc.segments
     loss_sum = torch.zeros((), device=env.device)
     for micro, segments in enumerate(micro_batches):
@@ -713,8 +750,12 @@ def forward_backward(model, micro_batches, tc: TrainConfig, env: Env, scaler):
                 with env.autocast():
                     out = model(**batch)
                     loss = (out.loss + out.aux_loss) / n
+                    if tc.sift:
+                        loss = loss + tc.sift_weight / n * sift_loss(raw_model, batch,
+                                                                     out.cls_logits, tc)
+                loss_sum += out.loss.detach().float() / n
+                del out  # the logits: backward does not need them, so they go before it runs
                 scaler.scale(loss).backward()
-            loss_sum += out.loss.detach().float() / n
             for c in batch.get("cache", ()):  # truncated backprop: the next segment's stop here
                 c.detach()
     if env.distributed:
@@ -723,21 +764,77 @@ def forward_backward(model, micro_batches, tc: TrainConfig, env: Env, scaler):
     return loss_sum
 
 
+def sift_loss(model, batch, clean, tc: TrainConfig):
+    """SiFT, DeBERTa's virtual adversarial training for fine-tuning (He et al. 2020,
+    arXiv:2006.03654 sec. 3.3; VAT, Miyato et al. 2018; SMART, Jiang et al. 2020): the symmetric
+    KL between the classifier's logits `clean` (B, n_classes) on the batch and its logits when the
+    normalized embeddings carry the adversarial perturbation (sift_perturbation). Gradients reach
+    the model through both."""
+    with perturbed_embeddings(model, sift_perturbation(model, batch, clean, tc)):
+        adversarial = model(**batch).cls_logits
+    return symmetric_kl(clean, adversarial)
+
+
+def sift_perturbation(model, batch, clean, tc: TrainConfig):
+    """The perturbation (B, T, E) of the normalized embeddings that most changes the prediction,
+    by one power-iteration step: a random start d ~ N(0, sift_eps^2), then one ascent step on the
+    symmetric KL to the (fixed) clean logits, scaled per token by its largest coordinate as
+    DeBERTa's and SMART's code do: d + sift_step * g / max|g|."""
+    ids = batch["input_ids"]
+    d = torch.randn(*ids.shape, model.wte.embedding_dim, device=ids.device) * tc.sift_eps
+    d.requires_grad_()
+    with perturbed_embeddings(model, d):
+        divergence = symmetric_kl(clean.detach(), model(**batch).cls_logits)
+    g, = torch.autograd.grad(divergence, d)
+    largest = g.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)  # 0: padding
+    return (d + tc.sift_step * g / largest).detach()
+
+
+@contextmanager
+def perturbed_embeddings(model, d):
+    """Inside, the model's summed embeddings e (B, T, E) enter its embedding norm as e + s * d,
+    s each token's standard deviation: d is added to the normalized embeddings (e - mean) / s,
+    a perturbation relative to their scale (SiFT's scale invariance). Under a LayerNorm (BERT,
+    DeBERTa) that is LN((e - mean) / s + d), where DeBERTa's code adds it; a model without an
+    embedding norm (an identity there) reads e + s * d."""
+    hook = model.embed_norm.register_forward_pre_hook(
+        lambda module, args: (args[0] + args[0].std(-1, keepdim=True, correction=0) * d,))
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+def symmetric_kl(p_logits, q_logits):
+    """KL(p || q) + KL(q || p) of two (B, C) logits, in fp32, averaged over the rows."""
+    lp, lq = p_logits.float().log_softmax(-1), q_logits.float().log_softmax(-1)
+    return ((lp.exp() - lq.exp()) * (lp - lq)).sum(-1).mean()
+
+
 @torch.no_grad()
 def estimate_loss(model, batches, tc: TrainConfig, env: Env):
     """Mean loss per split over eval_iters batches (and their segments), the same batches at every
-    evaluation; batches(split, gen, n) is get_batch for that split."""
+    evaluation; batches(split, gen, n) is get_batch for that split. Classification batches (cls
+    targets only) also give the classifier's accuracy over them, as "<split>_accuracy"."""
     model.eval()
     out = {}
     for split in ("train", "val"):
-        total = torch.zeros((), device=env.device)
+        total, correct = torch.zeros((), device=env.device), torch.zeros((), device=env.device)
         for segments in batches(split, torch.Generator().manual_seed(tc.seed + 1), tc.eval_iters):
             for batch in segments:
                 with env.autocast():
-                    total += model(**batch).loss.float() / len(segments)
+                    result = model(**batch)
+                total += result.loss.float() / len(segments)
+                classifying = "cls_targets" in batch and "targets" not in batch
+                if classifying:
+                    right = result.cls_logits.argmax(-1) == batch["cls_targets"]
+                    correct += right.float().mean()
         if env.distributed:
             dist.all_reduce(total)
+            dist.all_reduce(correct)
         out[split] = total.item() / (tc.eval_iters * env.world)
+        if classifying:
+            out[f"{split}_accuracy"] = correct.item() / (tc.eval_iters * env.world)
     model.train()
     return out
 
@@ -805,12 +902,16 @@ def report_eval(metrics, it, losses, bits, ppl, improved, env: Env):
         record.update(train_ppl=math.exp(losses["train"]), val_ppl=math.exp(losses["val"]))
     if bits:
         record.update(train_bpb=losses["train"] / math.log(2), val_bpb=losses["val"] / math.log(2))
+    if "val_accuracy" in losses:  # a classifier
+        record.update(train_accuracy=losses["train_accuracy"], val_accuracy=losses["val_accuracy"])
     if env.master:
         line = ", ".join(f"{split} loss {losses[split]:.4f}"
                          + (f" (ppl {record[f'{split}_ppl']:.2f})" if ppl else "")
                          for split in ("train", "val"))
         print(f"eval iter {it}: {line}"
               + (f", val {record['val_bpb']:.4f} bits/byte" if bits else "")
+              + (f", val accuracy {losses['val_accuracy']:.4f}" if "val_accuracy" in losses
+                 else "")
               + (" (best)" if improved else ""))
     metrics.write(**record)
 
@@ -844,8 +945,9 @@ class Metrics:
 
 def cannot_sample(model, objective):
     """Why the end-of-run sample cannot run, or None. Generation decodes with a cache, which a model
-    that cannot decode causally (expert-choice MoE) refuses; mlm fills masks in one forward pass."""
-    if objective == "mlm":
+    that cannot decode causally (expert-choice MoE) refuses; mlm and classify need one forward
+    pass."""
+    if objective in ("mlm", "classify"):
         return None
     try:
         model.setup_cache(1, 1)
@@ -968,6 +1070,11 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
         raise ValueError(f"cannot resume {out_dir / 'ckpt.pt'}: its tokenizer "
                          f"({ckpt['tokenizer']['kind']}) differs from the one prepared for "
                          f"data={tc.data!r}; pass the data it was trained on")
+    if ckpt is not None and objective == "classify" and \
+            ckpt.get("classes") != splits["train"].classes:
+        raise ValueError(f"cannot resume {out_dir / 'ckpt.pt'}: it classifies "
+                         f"{ckpt.get('classes')}, the train lines of data={tc.data!r} have "
+                         f"{splits['train'].classes}; pass the data it was trained on")
     if init is not None and init.tokenizer_meta not in (None, tok.meta) \
             and tc.tokenizer == init.tokenizer:
         raise ValueError(f"init_from={tc.init_from}'s {tok.meta['kind']} tokenizer is fitted to "
@@ -978,22 +1085,36 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
     # ------------------------------------------------------------------------------------------
     # 4. Model: the tokenizer's ids, then the objective's special tokens (data/objectives.py); the
     #    decoder starts from our [PAD], not the YAML's HF tokenizer id
-    need = {"vocab_size": tok.vocab_size, **config_overrides(objective, tok.vocab_size)}
+    need = {"vocab_size": tok.vocab_size,
+            **config_overrides(objective, tok.vocab_size, arch.architecture)}
     need["vocab_size"] = model_keys.get("vocab_size", need["vocab_size"])
+    classes = splits["train"].classes if objective == "classify" else None
+    if classes is not None:  # the classifier's width is the train split's label count
+        if model_keys.get("n_classes", len(classes)) != len(classes):
+            raise ValueError(f"n_classes={model_keys['n_classes']} but the train lines of "
+                             f"data={tc.data!r} have {len(classes)} labels; drop --n_classes")
+        need.update(cls_head=True, n_classes=len(classes))
+    # init_from + classify: a new classifier on the pretrained weights, unless they hold this one
+    fresh_head = init is not None and classes is not None and init.classes != classes
     if init is not None:  # the weights fix the vocabulary; the objective's other keys keep shapes
         check_vocab(need.pop("vocab_size"), arch, tok, objective, tc.init_from)
+        need = {k: v for k, v in need.items() if k not in ("cls_head", "n_classes")}
         cfg = dataclasses.replace(arch, **{k: v for k, v in need.items() if k not in model_keys})
     else:
         cfg = arch if ckpt is not None else Config.from_dict({**model_keys, **need})
-    check_objective(objective, cfg, tok.vocab_size, pair_task)
     model = raw_model = Transformer(cfg).to(env.device)  # raw_model: unwrapped, saved and sampled
     if source is not None:  # (a position table longer than block_size: its first rows)
         want = model.state_dict()
         model.load_state_dict({k: v[:len(want[k])] if k in want and v.shape != want[k].shape
                                else v for k, v in source["model"].items()})
+    if fresh_head:
+        model = raw_model = with_classes(model, len(classes))
+        cfg = model.config
+    check_objective(objective, cfg, tok.vocab_size, pair_task)
     if env.master:
-        task = objective + (f" + {pair_task}" if pair_task != "none" else "")
-        unit = "pairs" if objective == "seq2seq" else "tokens"
+        task = objective + (f" + {pair_task}" if pair_task != "none" else "") + \
+            (f" of {len(classes)} classes" if classes else "") + (" + SiFT" if tc.sift else "")
+        unit = {"seq2seq": "pairs", "classify": "texts"}.get(objective, "tokens")
         start = f"; from {tc.init_from}" if init is not None else ""
         print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, {cfg.architecture}, objective "
               f"{task}{start}; {tok.meta.get('name', tok.meta['kind'])} tokenizer, vocab "
@@ -1004,7 +1125,7 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
         (lambda d, rows, gen: OBJECTIVES[objective](d, rows, gen, cfg, tok.vocab_size, pair_task))
     batches = lambda split, gen, n: get_batch(splits[split], gen, n, make, tc, env, raw_model)
     bits = tok.meta["kind"] == "byte" and objective == "lm"  # a loss per byte: also bits per byte
-    ppl = pair_task == "none"  # a mean loss per token (NSP/SOP add a sentence-level loss)
+    ppl = pair_task == "none" and objective != "classify"  # a mean loss per token
     if tc.eval_only:
         losses = estimate_loss(model, batches, tc, env)
         report_eval(Metrics(None, False), ckpt["iter"] if ckpt else 0, losses, bits, ppl, False,
@@ -1035,14 +1156,16 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
         model = torch.compile(model)
     if env.distributed and not tc.fsdp:
         # parameters a step's last backward does not reach: a cls head trained without its pair
-        # task, and with segments the initial states (only segment 1 reads them)
+        # task, the LM head when classifying, and with segments the initial states (only segment
+        # 1 reads them)
         unused = cfg.cls_head and pair_task == "none" or tc.segments > 1
         ids = [int(env.device.split(":")[1])] if env.device_type == "cuda" else None
         model = DDP(model, device_ids=ids, find_unused_parameters=unused)
 
     # ------------------------------------------------------------------------------------------
     # 7. Training loop
-    meta = {"tokenizer": tok.meta, "objective": objective, "pair_task": pair_task}
+    meta = {"tokenizer": tok.meta, "objective": objective, "pair_task": pair_task,
+            **({"classes": classes} if classes else {})}
     # a HF directory's bos/eos/pad ids, kept for --export=hf (resumed and re-initialised runs too)
     token_ids = init.token_ids if init is not None else ckpt.get("hf_token_ids", {}) if ckpt \
         else {}
@@ -1087,7 +1210,8 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
         lr = get_lr(iter_num, tc)
         for group in (g for opt in optimizers for g in opt.param_groups):
             group["lr"] = lr
-        loss = forward_backward(model, batches("train", data_gen, tc.grad_accum), tc, env, scaler)
+        loss = forward_backward(model, batches("train", data_gen, tc.grad_accum), tc, env, scaler,
+                                raw_model)
         lossf = loss.item()  # one sync per step: the price of never stepping on a NaN
         check_finite("training loss", lossf, iter_num, lr, last_good)
         if tc.grad_clip > 0:

@@ -7,20 +7,25 @@
   span     span corruption of windows of the token stream (encoder_decoder; T5, Raffel et al.
            2019, arXiv:1910.10683)
   seq2seq  source -> target pairs from a TSV file (encoder_decoder), e.g. translation
+  classify a label per text from a TSV file of text<TAB>label lines (encoder_only: BERT's
+           fine-tuning, [CLS] text [SEP] read at the pooled [CLS]; decoder_only: the bare text
+           read at its last token), on the model's cls head
 
 Every maker is called as  OBJECTIVES[name](data, batch_size, gen, cfg, base_vocab, pair_task)  and
 returns a dict of long (B, ...) CPU tensors whose keys are forward's argument names. data is a 1-D
-token tensor (lm, mlm, span; a .bin memmap works) or a list of (source ids, target ids) from
-load_pairs (seq2seq); the train and val splits go through the same makers. gen is a
-torch.Generator: its state is the data position. Objectives other than lm add special tokens right
-after the tokenizer's own base_vocab ids, so any tokenizer works unchanged; config_overrides says
-which model keys that needs.
+token tensor (lm, mlm, span; a .bin memmap works), a list of (source ids, target ids) from
+load_pairs (seq2seq) or a Labeled list of (text ids, class index) from load_labeled (classify);
+the train and val splits go through the same makers. gen is a torch.Generator: its state is the
+data position. Objectives other than lm add special tokens right after the tokenizer's own
+base_vocab ids, so any tokenizer works unchanged; config_overrides says which model keys that
+needs.
 """
+import math
 import re
 
 import torch
 
-from data.prepare import read_text
+from data.prepare import VAL_FRACTION, read_text
 from model import check_choice, stack_config
 
 # ----------------------------------------------------------------------------------------------
@@ -34,12 +39,13 @@ N_SENTINELS = 100
 ALL_SPECIALS = SPECIALS + tuple(f"<extra_id_{i}>" for i in range(N_SENTINELS))
 PAIR_TASKS = ("none", "nsp", "sop")
 ARCHITECTURE = {"lm": "decoder_only", "mlm": "encoder_only", "span": "encoder_decoder",
-                "seq2seq": "encoder_decoder"}
+                "seq2seq": "encoder_decoder", "classify": "encoder_only decoder_only"}
 
 MASK_PROB = 0.15                  # BERT: this share of the text tokens is predicted ...
 MASK_TOKEN, RANDOM_TOKEN = 0.8, 0.1  # ... of those 80% become [MASK], 10% a random token, 10% stay
 SHORT_PROB = 0.1                  # BERT's short_seq_prob: some rows shorter, as at fine-tuning
 NOISE_DENSITY, MEAN_SPAN = 0.15, 3.0  # T5's span corruption defaults
+SHOWN = 5                         # classify: val examples show() prints
 
 
 def special_ids(base_vocab: int) -> dict:
@@ -47,11 +53,11 @@ def special_ids(base_vocab: int) -> dict:
     return {name: base_vocab + i for i, name in enumerate(ALL_SPECIALS)}
 
 
-def config_overrides(name: str, base_vocab: int) -> dict:
-    """Model config keys objective `name` needs: a vocab_size with room for the specials (a
-    minimum: a larger one works too) and, for encoder-decoders, decoder_start_token_id = [PAD]
-    (as T5)."""
-    if name == "lm":
+def config_overrides(name: str, base_vocab: int, architecture=None) -> dict:
+    """Model config keys objective `name` needs (on `architecture`, for classify): a vocab_size
+    with room for the specials (a minimum: a larger one works too) and, for encoder-decoders,
+    decoder_start_token_id = [PAD] (as T5). A decoder classifies the bare text: no specials."""
+    if name == "lm" or (name, architecture) == ("classify", "decoder_only"):
         return {}
     need = {"vocab_size": base_vocab + len(ALL_SPECIALS)}
     if ARCHITECTURE[name] == "encoder_decoder":
@@ -198,7 +204,12 @@ def seq2seq_batch(pairs, batch_size, gen, cfg, base_vocab):
 def load_pairs(path, tok):
     """(source ids, target ids) for each line `source<TAB>target` of a UTF-8 file; blank lines are
     skipped."""
-    pairs = []
+    return [(tok.encode(a), tok.encode(b)) for _, a, b in tsv_lines(path, "source<TAB>target")]
+
+
+def tsv_lines(path, columns):
+    """(line number, first column, second column) of each non-blank line of a UTF-8 file whose
+    lines are `columns` ("source<TAB>target"): one-line errors name a line that is not."""
     # split("\n"), not splitlines(), which also splits at \x0c and \u2028
     for n, line in enumerate(read_text(path).split("\n"), 1):
         line = line.rstrip("\r")
@@ -207,10 +218,76 @@ def load_pairs(path, tok):
         cols = line.split("\t")
         if len(cols) != 2 or not all(c.strip() for c in cols):
             what = f"{len(cols)} tab-separated columns" if len(cols) != 2 else "an empty column"
-            raise ValueError(f"{path} line {n} has {what}; each line must be source<TAB>target "
-                             f"with exactly one TAB: fix or remove that line")
-        pairs.append((tok.encode(cols[0]), tok.encode(cols[1])))
-    return pairs
+            raise ValueError(f"{path} line {n} has {what}; each line must be {columns} with "
+                             f"exactly one TAB: fix or remove that line")
+        yield n, cols[0], cols[1]
+
+
+class Labeled(list):
+    """(text ids, class index) rows of a classify split, and `classes`: the label strings the
+    indices stand for, sorted."""
+
+    def __init__(self, rows, classes):
+        super().__init__(rows)
+        self.classes = classes
+
+
+def load_labeled(path, tok):
+    """(train, val) Labeled splits of a UTF-8 file of `text<TAB>label` lines (blank lines skipped;
+    labels stripped of spaces). The last VAL_FRACTION of the lines are val, as for seq2seq; the
+    classes are the train lines' labels, so a val label outside them is an error naming its
+    line."""
+    lines = list(tsv_lines(path, "text<TAB>label"))
+    n_val = int(len(lines) * VAL_FRACTION)
+    if n_val < 1:
+        raise ValueError(f"{path} has {len(lines)} text<TAB>label lines; a train/val split needs "
+                         f"at least {math.ceil(1 / VAL_FRACTION)} (pass a longer file)")
+    classes = sorted({label.strip() for _, _, label in lines[:-n_val]})
+    if len(classes) < 2:
+        raise ValueError(f"the train lines of {path} (all but the last {n_val}) have only the "
+                         f"label {classes[0]!r}; classification needs at least two labels")
+    index = {c: i for i, c in enumerate(classes)}
+    splits = []
+    for part in (lines[:-n_val], lines[-n_val:]):
+        rows = []
+        for n, text, label in part:
+            if label.strip() not in index:
+                raise ValueError(f"{path} line {n} (a val line) has the label {label.strip()!r}, "
+                                 f"which no train line has (train labels: {classes}); give it "
+                                 f"train lines too, or move that line up")
+            ids = tok.encode(text)
+            if not ids:
+                raise ValueError(f"{path} line {n}: the text {text!r} encodes to no tokens; fix "
+                                 f"or remove that line")
+            rows.append((ids, index[label.strip()]))
+        splits.append(Labeled(rows, classes))
+    return splits
+
+
+def classify_inputs(texts, cfg, base_vocab):
+    """model(**this) for texts (lists of token ids), each framed as classify trains it: an
+    encoder's [CLS] text [SEP], a decoder's bare text, cut to block_size (the start kept) and
+    right-padded ([PAD]; attention_mask 0 there)."""
+    T = cfg.block_size
+    if cfg.architecture == "encoder_only":
+        sp = special_ids(base_vocab)
+        rows, pad_id = [[sp["[CLS]"], *t[:T - 2], sp["[SEP]"]] for t in texts], sp["[PAD]"]
+    else:  # the decoder reads the last text token: nothing to add, and any id pads (masked out)
+        rows, pad_id = [t[:T] for t in texts], 0
+    lengths = torch.tensor([len(r) for r in rows])
+    ids = pad(rows, pad_id)                                                            # (B, L)
+    return {"input_ids": ids,
+            "attention_mask": (torch.arange(ids.shape[1]) < lengths[:, None]).long()}
+
+
+def classify_batch(rows, batch_size, gen, cfg, base_vocab):
+    """Random rows of a Labeled split (classify_inputs) with their class indices as cls_targets."""
+    if not rows:
+        raise ValueError("there are no text/label lines to draw from; pass a TSV file with more "
+                         "lines")
+    pick = [rows[i] for i in torch.randint(len(rows), (batch_size,), generator=gen).tolist()]
+    return {**classify_inputs([t for t, _ in pick], cfg, base_vocab),
+            "cls_targets": torch.tensor([c for _, c in pick])}
 
 
 def check_length(data, n):
@@ -248,6 +325,7 @@ OBJECTIVES = {
                                                                 pair_task),
     "span": lambda data, B, gen, cfg, base, pair_task: span_batch(data, B, gen, cfg, base),
     "seq2seq": lambda data, B, gen, cfg, base, pair_task: seq2seq_batch(data, B, gen, cfg, base),
+    "classify": lambda data, B, gen, cfg, base, pair_task: classify_batch(data, B, gen, cfg, base),
 }
 
 
@@ -256,11 +334,11 @@ OBJECTIVES = {
 
 
 def default_objective(cfg, data="") -> str:
-    """lm for a decoder, mlm for an encoder; an encoder-decoder gets seq2seq on a .tsv file of
-    pairs, span corruption on anything else."""
-    if cfg.architecture == "encoder_decoder":
-        return "seq2seq" if str(data).endswith(".tsv") else "span"
-    return {"decoder_only": "lm", "encoder_only": "mlm"}[cfg.architecture]
+    """lm for a decoder; for an encoder mlm, or classify on a .tsv file (text<TAB>label); for an
+    encoder-decoder span corruption, or seq2seq on a .tsv file of pairs."""
+    tsv = str(data).endswith(".tsv")
+    return {"decoder_only": "lm", "encoder_only": "classify" if tsv else "mlm",
+            "encoder_decoder": "seq2seq" if tsv else "span"}[cfg.architecture]
 
 
 def check_objective(name, cfg, base_vocab=None, pair_task="none"):
@@ -268,18 +346,18 @@ def check_objective(name, cfg, base_vocab=None, pair_task="none"):
     cfg. base_vocab None (the tokenizer not known yet) skips the checks of the vocabulary."""
     check_choice("objective", name, OBJECTIVES)
     check_choice("pair_task", pair_task, PAIR_TASKS)
-    arch = ARCHITECTURE[name]
-    if cfg.architecture != arch:
+    arch = ARCHITECTURE[name].split()
+    if cfg.architecture not in arch:
         fits = " or ".join(o for o, a in ARCHITECTURE.items() if a == cfg.architecture)
-        raise ValueError(f"objective={name!r} trains {arch} models but this config is "
-                         f"{cfg.architecture}; use objective={fits}, or a config with "
-                         f"architecture: {arch}")
+        raise ValueError(f"objective={name!r} trains {' or '.join(arch)} models but this config "
+                         f"is {cfg.architecture}; use objective={fits}, or a config with "
+                         f"architecture: {arch[0]}")
     if pair_task != "none" and not (name == "mlm" and cfg.cls_head and cfg.type_vocab_size >= 2):
         raise ValueError(f"pair_task={pair_task!r} trains an encoder's cls head on segments A and "
                          f"B: it needs objective=mlm, cls_head: true and type_vocab_size: 2 (here "
                          f"objective={name}, cls_head={cfg.cls_head}, type_vocab_size="
                          f"{cfg.type_vocab_size}); or use pair_task=none")
-    need = config_overrides(name, base_vocab) if base_vocab is not None else {}
+    need = config_overrides(name, base_vocab, cfg.architecture) if base_vocab is not None else {}
     n_ids = need.get("vocab_size", base_vocab)
     if base_vocab is not None and cfg.vocab_size < n_ids:
         specials = f" + {len(ALL_SPECIALS)} special tokens" if name != "lm" else ""
@@ -294,6 +372,9 @@ def check_objective(name, cfg, base_vocab=None, pair_task="none"):
     if name == "mlm" and cfg.block_size < 5:
         raise ValueError(f"block_size={cfg.block_size} cannot hold [CLS] A [SEP] B [SEP]; use "
                          f"block_size >= 5")
+    if name == "classify" and cfg.architecture == "encoder_only" and cfg.block_size < 3:
+        raise ValueError(f"block_size={cfg.block_size} cannot hold [CLS] text [SEP]; use "
+                         f"block_size >= 3")
     if name == "span":
         span_window(*(stack_config(cfg, part).block_size for part in ("encoder", "decoder")))
 
@@ -345,10 +426,27 @@ def decode(tok, ids, base_vocab) -> str:
 
 
 @torch.no_grad()
+def class_probs(model, texts, base_vocab):
+    """(len(texts), n_classes) class probabilities of texts (lists of token ids) as classify
+    frames them."""
+    device = next(model.parameters()).device
+    batch = classify_inputs(texts, model.config, base_vocab)
+    return model(**{k: v.to(device) for k, v in batch.items()}).cls_logits.float().softmax(-1)
+
+
+@torch.no_grad()
 def show(model, name, data, tok, base_vocab, gen, max_new_tokens=None) -> str:
     """One example of objective `name` (not lm) drawn from data and the model's answer, as text:
     mlm fills its masks, span and seq2seq generate the target greedily up to [EOS] (or
-    max_new_tokens)."""
+    max_new_tokens); classify shows SHOWN texts, each with the model's label and its
+    probability."""
+    if name == "classify":
+        rows = [data[i] for i in torch.randperm(len(data), generator=gen)[:SHOWN].tolist()]
+        probs = class_probs(model, [t for t, _ in rows], base_vocab)          # (n, n_classes)
+        short = lambda t: t if len(t) <= 60 else t[:57] + "..."           # noqa: E731
+        return "\n".join(f"{short(tok.decode(t))!r} -> {data.classes[p.argmax()]} "
+                         f"({p.max():.2f}); label {data.classes[c]}"
+                         for (t, c), p in zip(rows, probs))
     device = next(model.parameters()).device
     batch = OBJECTIVES[name](data, 1, gen, model.config, base_vocab, "none")
     batch = {k: v.to(device) for k, v in batch.items()}

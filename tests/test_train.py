@@ -316,8 +316,8 @@ def files(tmp_path_factory):
                        "move it under train:"),
     (["{d}/nested.yaml"], "'n_layer' under train: in {d}/nested.yaml is a model key (Config in "
                           "model.py): move it to the top level"),
-    (["--objective=mln"], "objective='mln' is not one of ['auto', 'lm', 'mlm', 'seq2seq', 'span']; "
-                          "did you mean 'mlm'?"),
+    (["--objective=mln"], "objective='mln' is not one of ['auto', 'classify', 'lm', 'mlm', "
+                          "'seq2seq', 'span']; did you mean 'mlm'?"),
     (["--objective=mlm"], "objective='mlm' trains encoder_only models but this config is "
                           "decoder_only; use objective=lm, or a config with architecture: "
                           "encoder_only"),

@@ -3,7 +3,7 @@ checkpointing costs and saves.
 
     python tests/bench/bench_train.py shakespeare tinyshakespeare.txt [--threads 2] [--quick]
     python tests/bench/bench_train.py shakespeare tinyshakespeare.txt --together --threads 1  # busy
-    python tests/bench/bench_train.py checkpointing [--threads 2] [--quick]
+    python tests/bench/bench_train.py checkpointing [--threads 2] [--quick] [--before REV]
 
 shakespeare    runs train.py twice on the text, one run after the other (or with --together both
                at once), each in its own process:
@@ -22,12 +22,20 @@ shakespeare    runs train.py twice on the text, one run after the other (or with
                excluded) and the wall time.
 checkpointing  one training step (forward, backward, AdamW) of a GPT-2-small-width model (d_model
                768, 12 heads, --layers layers, block 512, batch --batch, vocab 4096 so that the
-               logits do not dominate) with and without grad_checkpoint. Each case runs in a fresh
-               process: peak memory is ru_maxrss after the step minus ru_maxrss after a 64-token
-               warm-up step (which allocates the weights' gradients and AdamW's state), i.e. the
-               activations and temporaries of one step. Tokens/s: the best of --reps steps.
+               logits do not dominate) with and without grad_checkpoint, with this model.py and
+               with the one of git revision --before (default: the revision before the fused LM
+               loss and per-branch checkpointing). Each case runs in a fresh process, after a
+               64-token warm-up step that allocates the weights' gradients and AdamW's state.
+               Peak MB: the most bytes of tensors alive at once during the step beyond those (the
+               activations and temporaries), counted exactly by a dispatch mode that follows each
+               new tensor storage until it is freed (LiveBytes), independent of the allocator and
+               of other processes. RSS MB: ru_maxrss after the step minus after the warm-up, what
+               the OS saw; glibc keeps freed heap blocks mapped for reuse, so it overstates the
+               live peak (MALLOC_MMAP_THRESHOLD_=131072 in the environment brings the two close).
+               Tokens/s: the best of --reps steps, timed without the dispatch mode.
 """
 import argparse
+import importlib
 import json
 import os
 import resource
@@ -36,13 +44,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-from model import Config, Transformer  # noqa: E402
+BEFORE = "d19ce18"  # full (B, T, V) logits into F.cross_entropy, one checkpoint per block
 
 NANOGPT = ["--norm=layernorm", "--norm_bias=false", "--position=learned", "--ffn=mlp",
            "--activation=gelu", "--n_kv_head=null", "--d_ff=null", "--bias=false", "--lr=1e-3",
@@ -91,14 +101,45 @@ def max_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024         # Linux: KiB
 
 
+class LiveBytes(TorchDispatchMode):
+    """While active: `peak`, the most bytes of tensor storages alive at once among those created
+    inside (storages of `existing` tensors do not count). Each op's outputs are followed to the
+    freeing of their storage (views share it; in-place ops make none)."""
+
+    def __init__(self, existing=()):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = {t.untyped_storage().data_ptr() for t in existing}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() in self.seen:
+                continue
+            storage = t.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            self.seen.add(key)
+            self.live += size
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self.free, key, size)
+        return out
+
+    def free(self, key, size):
+        self.seen.discard(key)
+        self.live -= size
+
+
 def checkpoint_case(args):
-    """One configuration, in this (fresh) process: {"tok_s", "peak_mb"}."""
+    """One configuration, in this (fresh) process: {"tok_s", "peak_mb", "rss_mb"}."""
     torch.set_num_threads(args.threads)
+    sys.path.insert(0, args.model_dir)
+    model_py = importlib.import_module("model")
     torch.manual_seed(0)
-    cfg = Config(vocab_size=4096, block_size=args.block, n_layer=args.layers, n_head=12,
-                 d_model=args.d_model, norm="rmsnorm", position="rope", ffn="glu",
-                 activation="silu", bias=False, grad_checkpoint=bool(args.grad_checkpoint))
-    model = Transformer(cfg).train()
+    cfg = model_py.Config(vocab_size=4096, block_size=args.block, n_layer=args.layers, n_head=12,
+                          d_model=args.d_model, norm="rmsnorm", position="rope", ffn="glu",
+                          activation="silu", bias=False,
+                          grad_checkpoint=bool(args.grad_checkpoint))
+    model = model_py.Transformer(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step(B, T):
@@ -112,29 +153,50 @@ def checkpoint_case(args):
     step(1, 64)                                          # allocates gradients and AdamW state
     base = max_rss_mb()
     best = min(step(args.batch, args.block) for _ in range(args.reps))
-    print(json.dumps({"tok_s": args.batch * args.block / best, "peak_mb": max_rss_mb() - base}))
+    rss = max_rss_mb() - base
+    state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    with LiveBytes([*model.parameters(), *(p.grad for p in model.parameters()), *state]) as live:
+        step(args.batch, args.block)
+    print(json.dumps({"tok_s": args.batch * args.block / best, "peak_mb": live.peak / 2 ** 20,
+                      "rss_mb": rss}))
 
 
 def checkpointing(args):
     print(f"torch {torch.__version__}, {args.threads} CPU thread(s); d_model {args.d_model}, "
           f"{args.layers} layers, 12 heads, block {args.block}, batch {args.batch}, "
           f"RMSNorm/RoPE/SwiGLU, vocab 4096")
-    print(f"{'grad_checkpoint':<15} | {'tokens/s':>8} | {'peak MB':>7}")
+    print(f"{'model.py':<16} | {'grad_checkpoint':<15} | {'peak MB':>7} | {'RSS MB':>7} | "
+          f"{'tokens/s':>8}")
     rows = {}
-    for on in (0, 1):
-        sizes = ("threads", "d_model", "layers", "block", "batch", "reps")
-        cmd = [sys.executable, __file__, "checkpointing", "--worker", "--grad_checkpoint", str(on),
-               *(f"--{k}={getattr(args, k)}" for k in sizes)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode:
-            print(f"{bool(on)!s:<15} | {res.stderr.strip().splitlines()[-1][:60]}")
-            return
-        rows[on] = json.loads(res.stdout.strip().splitlines()[-1])
-        print(f"{bool(on)!s:<15} | {rows[on]['tok_s']:>8.0f} | {rows[on]['peak_mb']:>7.0f}",
-              flush=True)
-    print(f"checkpointing: peak activation memory x{rows[1]['peak_mb'] / rows[0]['peak_mb']:.2f} "
-          f"({rows[0]['peak_mb'] - rows[1]['peak_mb']:.0f} MB less), "
-          f"time per token x{rows[0]['tok_s'] / rows[1]['tok_s']:.2f}")
+    with tempfile.TemporaryDirectory() as before:
+        old = subprocess.run(["git", "show", f"{args.before}:model.py"], cwd=ROOT,
+                             capture_output=True, text=True)
+        if old.returncode:
+            print(f"(no 'before' rows: git show {args.before}:model.py failed)")
+        Path(before, "model.py").write_text(old.stdout)
+        for version, where in (("before", before), ("this", str(ROOT))):
+            for on in (0, 1):
+                if version == "before" and old.returncode:
+                    continue
+                sizes = ("threads", "d_model", "layers", "block", "batch", "reps")
+                cmd = [sys.executable, __file__, "checkpointing", "--worker",
+                       f"--grad_checkpoint={on}", f"--model_dir={where}",
+                       *(f"--{k}={getattr(args, k)}" for k in sizes)]
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                name = f"{version} {args.before}" if version == "before" else version
+                if res.returncode:
+                    print(f"{name:<16} | {bool(on)!s:<15} | "
+                          f"{res.stderr.strip().splitlines()[-1][:60]}")
+                    return
+                r = rows[version, on] = json.loads(res.stdout.strip().splitlines()[-1])
+                print(f"{name:<16} | {bool(on)!s:<15} | {r['peak_mb']:>7.0f} | "
+                      f"{r['rss_mb']:>7.0f} | {r['tok_s']:>8.0f}", flush=True)
+    for version in ("before", "this"):
+        if (version, 1) in rows:
+            off, on = rows[version, 0], rows[version, 1]
+            print(f"{version}: checkpointing keeps x{on['peak_mb'] / off['peak_mb']:.2f} of the "
+                  f"peak activation memory (RSS x{on['rss_mb'] / off['rss_mb']:.2f}) at "
+                  f"x{off['tok_s'] / on['tok_s']:.2f} time per token")
 
 
 def main():
@@ -152,8 +214,11 @@ def main():
     p.add_argument("--block", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--before", default=BEFORE, help="checkpointing: the git revision whose "
+                   "model.py the 'before' rows run")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--grad_checkpoint", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--model_dir", default=str(ROOT), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.bench == "shakespeare":
         if not args.text or not Path(args.text).is_file():
