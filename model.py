@@ -1738,9 +1738,10 @@ class Transformer(nn.Module):
             if starts:  # so blocks run in turn, through a cache
                 cache = cache if cache is not None else self.setup_cache(B, 0)
                 cuts = [0, *starts, T]
-                return torch.cat([self.hidden(input_ids[:, a:b], cache, pos[a:b], None if
-                                              token_type_ids is None else token_type_ids[:, a:b])
-                                  for a, b in zip(cuts, cuts[1:])], 1)
+                x = torch.cat([self.hidden(input_ids[:, a:b], cache, pos[a:b], None if
+                                           token_type_ids is None else token_type_ids[:, a:b])
+                               for a, b in zip(cuts, cuts[1:])], 1)
+                return (x, x) if mask_decoder else x
             if cache is not None and int(pos[0]) % cfg.block_width == 0:  # a new block: each
                 for low, high in zip(cache, cache[1:]):  # layer's memory is the layer above's
                     low.store(high.k, high.v, high.pos)
