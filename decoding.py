@@ -9,7 +9,9 @@ beam search. model.py keeps the model, its cache and generate(); this file build
                                            HF generate(num_beams=...)'s search, token for token
 """
 import functools
+import itertools
 import warnings
+import weakref
 
 import torch
 import torch.nn as nn
@@ -63,10 +65,30 @@ class DynamicInt8Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().float()
         self.packed = torch.ops.quantized.linear_prepack(qw, bias)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.reduce_range = not full_range_exact()
+        self.key = next(KEYS)
+        INT8_LINEARS[self.key] = self
 
     def forward(self, x):                                            # (.., in) -> (.., out)
-        full = full_range_exact()
-        return torch.ops.quantized.linear_dynamic(x.float(), self.packed, not full).to(x.dtype)
+        return int8_linear(x, self.key)
+
+
+# torch.compile cannot trace the kernel's packed weight (a TorchScript object), so the kernel runs
+# as a custom op that names its layer by a key: a compiled decode step stays one graph.
+INT8_LINEARS = weakref.WeakValueDictionary()  # key -> DynamicInt8Linear; gone with its layer
+KEYS = itertools.count()
+
+
+@torch.library.custom_op("anyformer::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, key: int) -> torch.Tensor:
+    layer = INT8_LINEARS[key]
+    return torch.ops.quantized.linear_dynamic(x.float(), layer.packed, layer.reduce_range).to(
+        x.dtype)
+
+
+@int8_linear.register_fake
+def _(x, key):                                                       # the output's shape alone
+    return x.new_empty(*x.shape[:-1], INT8_LINEARS[key].out_features)
 
 
 @functools.cache
@@ -75,9 +97,11 @@ def full_range_exact():
     pairs of uint8 x int8 products in 16 bits, which saturate (255 * 127 * 2 > 32767); torch's
     remedy, reduce_range, quantizes inputs to 7 bits (~1.7% error against ~1.0%). A matrix of ones
     times a vector of ones (every pair at the maximum) tells which kind of kernel runs here."""
-    ones = nn.Linear(64, 8, bias=False)
-    nn.init.ones_(ones.weight)
-    y = torch.ops.quantized.linear_dynamic(torch.ones(1, 64), DynamicInt8Linear(ones).packed, False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ones = torch.quantize_per_tensor(torch.ones(8, 64), 1.0, 0, torch.qint8)
+    packed = torch.ops.quantized.linear_prepack(ones, None)
+    y = torch.ops.quantized.linear_dynamic(torch.ones(1, 64), packed, False)
     return bool((y == 64).all())
 
 
@@ -172,10 +196,14 @@ class Distributions:
     def __init__(self, temperature, repetition_penalty, filters):
         self.temperature, self.penalty, self.filters = temperature, repetition_penalty, filters
 
-    def __call__(self, logits, prev):  # logits (n, V); prev (1, L + n - 1): row i follows L + i
-        L = prev.shape[1] - len(logits) + 1
-        logits = torch.cat([apply_repetition_penalty(row[None], prev[:, :L + i], self.penalty)
-                            for i, row in enumerate(logits)])
+    def __call__(self, logits, seq, new):
+        """logits (n, V) at the positions after seq (1, L) + new[:m - n + 1 + i], row i; new (m,)
+        the tokens since seq."""
+        if self.penalty != 1.0:
+            start = len(new) - len(logits) + 1
+            logits = torch.cat([apply_repetition_penalty(
+                row[None], torch.cat((seq, new[None, :start + i]), 1), self.penalty)
+                for i, row in enumerate(logits)])
         if self.temperature == 0:
             return logits
         return sampling_probs(logits, self.temperature, **self.filters)
@@ -231,12 +259,12 @@ def speculative_generate(target, draft, input_ids, max_new_tokens, draft_tokens=
         q = torch.zeros(k, target.config.vocab_size, device=seq.device)   # the draft's dists
         for j in range(k):             # the draft proposes k tokens, one forward each
             logits = run(draft, d_cache, unseen, n - unseen.shape[1] + j)[-1:]
-            q[j] = dist(logits, torch.cat((seq, drafts[None, :j]), 1))[0]
+            q[j] = dist(logits, seq, drafts[:j])[0]
             drafts[j] = (q[j].argmax() if temperature == 0 else
                          torch.multinomial(q[j], 1, generator=generator)[0])
             unseen = drafts[None, j:j + 1]
         chunk = torch.cat((seq[:, -1:], drafts[None]), dim=1)                    # (1, k + 1)
-        p = dist(run(target, t_cache, chunk, n - 1), torch.cat((seq, drafts[None]), 1))
+        p = dist(run(target, t_cache, chunk, n - 1), seq, drafts)              # (k + 1, V)
         if temperature == 0:
             same = (p[:k].argmax(-1) == drafts).long().cumprod(0)
             m = int(same.sum())

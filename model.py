@@ -670,6 +670,9 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("slot_ids", torch.arange(self.slots, device=device), persistent=False)
+        if static:  # CUDA graphs replay on these very buffers: their addresses must not change
+            torch._dynamo.mark_static_address(self.k)
+            torch._dynamo.mark_static_address(self.v)
 
     def write(self, pos, k, v):       # pos: (T,) absolute positions; k, v: (B, nkv, T, hs)
         # a chunk after the prefill overwrites the keys of positions pos - S, which its first query
@@ -1674,8 +1677,7 @@ class Transformer(nn.Module):
         step = lambda ids, pos: self(ids, cache=cache, input_pos=pos,
                                      attention_mask=keep).logits[:, -1]
         if compile:  # the prefill (several tokens) runs eagerly: see hidden()
-            fast = torch.compile(decode_step, fullgraph=True,
-                                 mode="reduce-overhead" if input_ids.is_cuda else None)
+            fast = torch.compile(decode_step, mode="reduce-overhead" if input_ids.is_cuda else None)
             step = lambda ids, pos, eager=step: (fast(self, ids, pos, cache, keep)
                                                  if ids.shape[1] == 1 else eager(ids, pos))
         seq = sample_loop(step, input_ids, max_new_tokens, temperature, generator,

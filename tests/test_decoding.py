@@ -193,8 +193,8 @@ def test_int8_keeps_a_trained_models_loss_and_greedy_tokens(trained_llama):
 @pytest.mark.parametrize("name", ["rope_gqa", "learned", "window"])
 def test_speculative_greedy_equals_plain_greedy(name):
     """A draft that disagrees (another random model: every round ends at its first draft), the
-    target itself (every draft kept: chunks of k + 1 through the ring buffer), any k, a stop
-    token; acceptance counted."""
+    target itself (every draft kept: chunks of k + 1 through the ring buffer), any k, a
+    repetition penalty (on the tokens before each drafted position), a stop token."""
     target, other = model_of(name), model_of(name, seed=3, n_layer=1)
     x = torch.tensor([[1, 2, 3, 4, 5]])
     ref = target.generate(x, 30, temperature=0)
@@ -207,6 +207,10 @@ def test_speculative_greedy_equals_plain_greedy(name):
             assert stats["accepted"] <= stats["drafted"]
             if accepted is not None:
                 assert stats["accepted"] == stats["drafted"] >= accepted - 1
+    penalised = target.generate(x, 30, temperature=0, repetition_penalty=1.5)
+    assert not torch.equal(penalised, ref)
+    assert torch.equal(speculative_generate(target, other, x, 30, 3, temperature=0,
+                                            repetition_penalty=1.5), penalised)
     stop = int(ref[0, 15])
     streamed = []
     got = speculative_generate(target, other, x, 30, 3, temperature=0, stop_tokens=(stop,),

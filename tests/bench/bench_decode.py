@@ -39,7 +39,8 @@ quality  int8's cost in loss: train.py trains configs/shakespeare_char.yaml on -
 gpu      (CUDA only) bf16, the issue's two models and a 1.1B Llama (hidden 2048, 16 layers,
          intermediate 8192): ours with the compiled static-cache step (CUDA graphs) against HF
          generate with its static cache compiled, tokens/s, and the fraction of HBM bandwidth
-         reached: weight bytes read per token x tokens/s over the bandwidth of a device copy.
+         reached: the bytes a step reads (matrices, the head included, and the static KV cache)
+         x tokens/s over the bandwidth of a device-to-device copy.
 """
 import argparse
 import copy
@@ -277,8 +278,12 @@ def bench_gpu_size(args, bandwidth, inter, hidden, layers, heads, kv):
             "HF": lambda: hf_greedy(hf, x, n)}
     timed(runs, 2, torch.cuda.synchronize)                      # compile, record the graphs
     best, out = timed(runs, args.reps, torch.cuda.synchronize)
-    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
-    hbm = {k: weight_bytes * n / best[k] / bandwidth for k in runs}
+    # bytes a step must read: every matrix (the head's too, not the embedding table: one row of
+    # it) and the static cache's keys and values (all 16 + n slots)
+    cfg = ours.config
+    weights = sum(m.weight.numel() for m in ours.modules() if isinstance(m, torch.nn.Linear))
+    cache = 2 * cfg.n_layer * cfg.kv_heads * cfg.hs * (16 + n)
+    hbm = {k: 2 * (weights + cache) * n / best[k] / bandwidth for k in runs}      # bf16: 2 bytes
     print(f"{f'{hidden}/{inter}':>16} {n / best['ours']:11.1f} {n / best['HF']:9.1f} "
           f"{best['HF'] / best['ours']:6.2f} {hbm['ours']:9.0%} {hbm['HF']:7.0%}  "
           f"{torch.equal(out['ours'], out['HF'])}")
