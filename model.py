@@ -29,7 +29,9 @@ Index: every variant is a Config value; this is where each one lives.
   Block-Recurrent   BlockAttention (XL memory, compression), RecurrentAttention, StateGate,
                     BlockMemory
   stochastic depth  DropPath
-  decoding          Transformer.setup_cache, generate, sample_loop, sample, LOGIT_FILTERS
+  decoding          Transformer.setup_cache, generate (left_pad: a list of prompts; decode_step:
+                    compiled), sample_loop, sample, LOGIT_FILTERS; int8, speculative decoding
+                    and beam search: decoding.py
   input checks      LIMITS, Config.check_layout, read_yaml, check_inputs, check_ids, check_sampling
 
 Shape legend: B batch, T time (new tokens), C d_model, nh query heads, nkv kv heads,
@@ -1689,11 +1691,6 @@ class Transformer(nn.Module):
                 for p, row in zip(prompts, seq)]
 
 
-def decode_step(model, ids, pos, cache, keep):
-    """One cached step's next-token logits (B, V): what generate(compile=True) compiles."""
-    return model(ids, cache=cache, input_pos=pos, attention_mask=keep).logits[:, -1]
-
-
 class EncoderDecoder(Transformer):
     """An encoder over the source and a decoder with cross-attention over the target
     (arXiv:1706.03762). Both stacks are Transformers sharing one token embedding;
@@ -1792,6 +1789,11 @@ def sample_loop(step, seq, max_new_tokens, temperature, generator, repetition_pe
             return out[:, :i + 1]
         logits = step(out[:, i:i + 1], positions[i:i + 1])
     return out
+
+
+def decode_step(model, ids, pos, cache, keep):
+    """One cached step's next-token logits (B, V): what generate(compile=True) compiles."""
+    return model(ids, cache=cache, input_pos=pos, attention_mask=keep).logits[:, -1]
 
 
 def left_pad(prompts, max_new_tokens, device):

@@ -418,6 +418,44 @@ def test_static_cache_reads_every_slot_and_equals_the_full_forward(name):
     assert (torch.cat(steps, 1) - ref).abs().max().item() <= 3e-5
 
 
+@pytest.mark.parametrize("name", ["rope_gqa", "learned", "window"])
+def test_the_compiled_steps_path_gives_generates_tokens(name, monkeypatch):
+    """generate(compile=True) with torch.compile swapped for a wrapper that runs the step eagerly
+    while torch.compiler.is_compiling() answers True: the branches a compiled step takes (the
+    cache continued without reading the position back, the range checks skipped, every slot of
+    the static cache read) give plain generate's tokens, for one prompt and a padded batch; and
+    the step reads no tensor value back to the host (which would split a compiled graph).
+    (Compiling for real takes a minute on CPU; tests/bench/bench_decode.py does it.)"""
+    compiling = {"now": False}
+
+    def fake_compile(fn, **kw):
+        def step(*args):
+            compiling["now"] = True
+            try:
+                return fn(*args)
+            finally:
+                compiling["now"] = False
+        return step
+
+    def no_host_read(read):
+        def guarded(t, *args):
+            assert not compiling["now"], "the compiled step read a value back to the host"
+            return read(t, *args)
+        return guarded
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling["now"])
+    for read in ("__int__", "__bool__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, read, no_host_read(getattr(torch.Tensor, read)))
+    m = model_of(name)
+    x = torch.tensor([[1, 2, 3]])
+    assert torch.equal(m.generate(x, 20, temperature=0, compile=True),
+                       m.generate(x, 20, temperature=0))
+    assert m.generate(PROMPTS, 12, temperature=0, compile=True) == m.generate(PROMPTS, 12,
+                                                                                 temperature=0)
+    with pytest.raises(ValueError, match="attention-only decoders"):
+        model_of("deltanet").generate(x, 4, compile=True)
+
+
 def test_ring_buffer_takes_chunks_it_has_room_for():
     """setup_cache(chunk=k): a window layer keeps k - 1 extra slots, so k-token chunks after the
     prefill (speculative verification) equal the full forward; a longer chunk is refused."""
