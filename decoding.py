@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import (
+    GLU,
     MoE,
     apply_repetition_penalty,
     check_ids,
@@ -133,8 +134,9 @@ QUANTIZERS = {"int8": int8_kernel}  # mode -> (Linear, min_weights) -> its repla
 
 def quantize(model: nn.Module, mode="int8", min_weights=INT8_MIN_WEIGHTS):
     """Replace the model's Linear layers (the LM head included) by `mode` kernels, in place, and
-    return the model. For inference: call it last (after .to(device)); the weights are not
-    trainable and not saved. min_weights: CPU Linears smaller than this stay as they are (0: all).
+    return the model; a GLU's gate and up become one matrix first. For inference: call it last
+    (after .to(device)); the weights are not trainable and not saved. min_weights: CPU Linears
+    smaller than this stay as they are (0: all).
     The CPU kernel quantizes each call's input with one scale, so a token's result depends a
     little on what shares its call (a prompt's prefill against token by token, a batch's other
     rows): unlike fp32, an int8 batch row is close to, not equal to, its prompt decoded alone.
@@ -144,11 +146,25 @@ def quantize(model: nn.Module, mode="int8", min_weights=INT8_MIN_WEIGHTS):
     if any(isinstance(m, MoE) for m in model.modules()):
         raise ValueError("int8 covers Linear layers; MoE expert stacks (E, out, in) are not, and "
                          "would stay in full precision: quantize a dense model")
+    for glu in [m for m in model.modules() if isinstance(m, GLU) and m.gate_up is None]:
+        glu.gate_up = stack_linears(glu.gate, glu.up)  # one kernel call for both: each has a cost
+        del glu.gate, glu.up
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(parent, name, QUANTIZERS[mode](child, min_weights))
     return model
+
+
+def stack_linears(a: nn.Linear, b: nn.Linear):
+    """One Linear computing [a(x), b(x)] along the last dimension."""
+    both = nn.Linear(a.in_features, a.out_features + b.out_features, bias=a.bias is not None,
+                     device=a.weight.device, dtype=a.weight.dtype)
+    with torch.no_grad():
+        both.weight.copy_(torch.cat((a.weight, b.weight)))
+        if a.bias is not None:
+            both.bias.copy_(torch.cat((a.bias, b.bias)))
+    return both
 
 
 # ----------------------------------------------------------------------------------------------

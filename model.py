@@ -1167,9 +1167,14 @@ class GLU(nn.Module):
         self.up = nn.Linear(cfg.d_model, width, bias=cfg.ffn_biased)
         self.down = nn.Linear(width, cfg.d_model, bias=cfg.ffn_biased)
         self.act, self.drop = ACTIVATIONS[cfg.activation], nn.Dropout(cfg.dropout)
+        self.gate_up = None  # decoding.quantize: [gate; up] as one matrix, one int8 kernel call
 
     def forward(self, x):                                            # (B, T, C)
-        return self.drop(self.down(self.act(self.gate(x)) * self.up(x)))
+        if self.gate_up is None:
+            g, u = self.gate(x), self.up(x)
+        else:
+            g, u = self.gate_up(x).chunk(2, dim=-1)                  # (B, T, F) each
+        return self.drop(self.down(self.act(g) * u))
 
 
 FFNS = {"mlp": MLP, "glu": GLU}

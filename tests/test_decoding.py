@@ -96,12 +96,20 @@ def test_int8_linear_is_close_to_fp32(kernel, bound):
 
 
 def test_quantize_replaces_linears_above_the_size_where_int8_pays():
-    m = model_of("rope_gqa", d_ff=4096)                        # FFN matrices 4096 x 32: 131k
+    """A GLU's gate and up become one int8 matrix (one kernel call, each has a fixed cost): the
+    same outputs as the two, stacked."""
+    m = model_of("rope_gqa", d_ff=4096, ffn="glu", activation="silu")  # FFN: 4096 x 32: 131k
+    ffn = copy.deepcopy(m.blocks[0].ffn)
     quantize(m, "int8", min_weights=100_000)
     kinds = {name: type(mod).__name__ for name, mod in m.named_modules()
              if isinstance(mod, (nn.Linear, DynamicInt8Linear))}
-    assert kinds["blocks.0.ffn.up"] == "DynamicInt8Linear"
+    assert kinds["blocks.0.ffn.gate_up"] == kinds["blocks.0.ffn.down"] == "DynamicInt8Linear"
     assert kinds["blocks.0.mixer.q_proj"] == "Linear"          # 32 x 32: fp32 is faster
+    assert "blocks.0.ffn.gate" not in kinds and "blocks.0.ffn.up" not in kinds
+    h = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got = ffn(h), m.blocks[0].ffn(h)
+    assert 0 < ((got - ref).norm() / ref.norm()).item() < 0.05   # two int8 layers: ~3.5%
     quantize(m, "int8", min_weights=0)
     assert not any(isinstance(mod, nn.Linear) for mod in m.modules())
 
@@ -173,7 +181,8 @@ def trained_llama():
 def test_int8_keeps_a_trained_models_loss_and_greedy_tokens(trained_llama):
     model, val = trained_llama
     q = quantize(copy.deepcopy(model), "int8", min_weights=0)
-    assert sum(isinstance(m, DynamicInt8Linear) for m in q.modules()) == 15  # 7 a layer + head
+    assert sum(isinstance(m, DynamicInt8Linear) for m in q.modules()) == 13  # q k v o gate_up
+    # down: 6 a layer, + head
     windows = val[:64 * 33].view(64, 33)
     with torch.no_grad():
         loss = model(windows[:, :-1], targets=windows[:, 1:]).loss.item()
