@@ -6,6 +6,9 @@
   python generate.py --hf path/to/bert-base-uncased --fill_mask "The [MASK] sat on the mat."
   python generate.py --checkpoint out/ckpt.pt --ids 1,2,3       # raw token ids, used as given
   python generate.py --checkpoint out/ckpt.pt --classify "a superb film"   # objective=classify
+  python generate.py --hf path/to/llama --prompt "Hi" --quantize int8 --compile    # faster decoding
+  python generate.py --hf path/to/llama --prompt "Hi" --draft path/to/small-llama   # speculative
+  python generate.py --hf path/to/t5-small --source_file in.txt --batch --num_beams 4
 
 Each architecture takes its own input: a decoder_only model continues --prompt, an
 encoder_decoder one encodes --source once and streams the target it decodes, an encoder_only one
@@ -17,6 +20,12 @@ as it is generated; tokens/s goes to stderr. Bad input ends in one line on stder
 and exit status 2.
 A checkpoint trained with objective=classify takes --classify TEXT instead and prints the
 predicted label, then each class's probability.
+
+Decoding options: --quantize int8 (int8 weights: decoding.quantize), --compile (the decode step
+compiled), --draft with --draft_tokens (speculative decoding: the same text as without it, greedy,
+or the same distribution, sampling), --num_beams with --length_penalty and --early_stopping (beam
+search as HF generate runs it), --batch (each line of --prompt_file / --source_file is a prompt:
+they decode as one padded batch, each printed when all are done).
 """
 import argparse
 import json
@@ -30,12 +39,15 @@ import torch
 
 from data.objectives import class_probs
 from data.tokenizers import ObjectiveTokenizer, get_tokenizer, hf_tokenizer
+from decoding import QUANTIZERS, beam_search, quantize, speculative_generate
 from model import Transformer, check_sampling, from_checkpoint, load_checkpoint
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SEPARATOR = "\n" + "-" * 40
 DEFAULT_NEW_TOKENS = 256
 DEFAULT_CANDIDATES = 5  # --fill_mask: candidates shown per mask without --top_k
+DEFAULT_TEMPERATURE = 0.8
+EARLY_STOPPING = {"false": False, "true": True, "never": "never"}  # --early_stopping, as HF's
 # the option giving each architecture its input, and how to give it as ids without a tokenizer
 INPUTS = {"prompt": "decoder_only", "prompt_file": "decoder_only", "source": "encoder_decoder",
           "source_file": "encoder_decoder", "fill_mask": "encoder_only"}
@@ -88,7 +100,8 @@ def parse_args(argv):
                    help=f"default {DEFAULT_NEW_TOKENS} (an encoder-decoder's fewer where its "
                         f"decoder's position table ends sooner); past a learned position table "
                         f"a decoder keeps its last block_size tokens, re-encoded for each token")
-    p.add_argument("--temperature", type=finite, default=0.8, help="0 = greedy")
+    p.add_argument("--temperature", type=finite, default=None,
+                   help=f"0 = greedy (default {DEFAULT_TEMPERATURE})")
     p.add_argument("--top_k", type=int, default=None, help="keep the k most likely tokens (0 = "
                    f"off); with --fill_mask, the candidates shown per mask (default "
                    f"{DEFAULT_CANDIDATES})")
@@ -100,14 +113,55 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    p.add_argument("--quantize", choices=QUANTIZERS, help="int8 weights for the Linear layers "
+                   "where that is faster (the draft's too)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (a "
+                   "one-time compile, then less per-token overhead; CUDA graphs on a GPU)")
+    p.add_argument("--draft", help="speculative decoding: a smaller model over the same "
+                   "vocabulary (a ckpt.pt or a HF-format directory) drafts tokens the model checks")
+    p.add_argument("--draft_tokens", type=int, default=4, help="tokens drafted per check")
+    p.add_argument("--num_beams", type=int, default=1, help="beam search with this many beams")
+    p.add_argument("--length_penalty", type=finite, default=1.0, help="beam search: a finished "
+                   "beam scores sum(log p) / length**length_penalty")
+    p.add_argument("--early_stopping", choices=EARLY_STOPPING, default="false",
+                   help="beam search stops: false, when no beam can improve; true, as soon as "
+                        "num_beams are finished; never, at the length limit's best case")
+    p.add_argument("--batch", action="store_true", help="each line of --prompt_file or "
+                   "--source_file is a prompt: one padded batch")
     args = p.parse_args(argv)
+    check_decoding(args)
+    args.temperature = DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
     check_sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
-    for key in ("max_new_tokens", "num_samples"):
+    for key in ("max_new_tokens", "num_samples", "num_beams", "draft_tokens"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             raise ValueError(f"--{key}={getattr(args, key)} must be at least 1")
     if not 0 <= args.seed < 2 ** 63:
         raise ValueError(f"--seed={args.seed} must be in [0, 2**63)")
     return args
+
+
+def check_decoding(args):
+    """The decoding options that do not go together, each a one-line error."""
+    sampling = [f"--{k}" for k in ("temperature", "top_k", "top_p", "min_p")
+                if getattr(args, k)] + (["--repetition_penalty"] if args.repetition_penalty != 1.0
+                                        else [])  # (greedy --temperature 0 goes with beams)
+    for broken, message in [
+        (args.num_beams > 1 and sampling, f"beam search keeps the most likely beams, it does not "
+         f"sample: drop {' '.join(sampling)} or --num_beams"),
+        (args.num_beams > 1 and args.num_samples > 1, "beam search is deterministic: "
+         "--num_samples would repeat one text; drop it"),
+        (args.num_beams > 1 and args.draft, "--draft and --num_beams are two ways to decode; "
+         "pick one"),
+        (args.batch and args.draft, "speculative decoding runs one prompt at a time (rows accept "
+         "different numbers of drafts); drop --batch or --draft"),
+        (args.compile and (args.draft or args.num_beams > 1), "--compile applies to plain "
+         "sampling; drop it with --draft or --num_beams"),
+        (args.batch and not (args.prompt_file or args.source_file), "--batch reads one prompt a "
+         "line from --prompt_file or --source_file; give one of them"),
+        (args.fill_mask is not None and (args.draft or args.num_beams > 1 or args.compile),
+         "--fill_mask runs one forward pass: --draft, --num_beams and --compile do not apply")]:
+        if broken:
+            raise ValueError(message)
 
 
 def pick_device(name):
@@ -286,27 +340,79 @@ def default_new_tokens(model):
     return DEFAULT_NEW_TOKENS
 
 
-def sample(model, x, tok, stop, generator, echo, args):
-    """One sample streamed to stdout; its speed to stderr."""
+def decode(model, x, n, args, stop, generator, callback=None, draft=None, stats=None,
+           attention_mask=None):
+    """The model's continuation of x (a (B, T) tensor, or a decoder's list of prompts) by the
+    decoding the options ask for: beam search, speculative decoding, or sampling."""
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+              repetition_penalty=args.repetition_penalty, stop_tokens=stop, generator=generator,
+              callback=callback)
+    T = max(map(len, x)) if isinstance(x, list) else x.shape[1]
+    try:
+        if args.num_beams > 1:
+            return beam_search(model, x, n, args.num_beams, args.length_penalty,
+                               EARLY_STOPPING[args.early_stopping], stop, attention_mask)
+        if draft is not None:
+            return speculative_generate(model, draft, x, n, args.draft_tokens, stats=stats, **kw)
+        if attention_mask is not None:                    # an encoder-decoder's padded sources
+            return model.generate(x, n, attention_mask=attention_mask, **kw)
+        return model.generate(x, n, **kw, **({"compile": True} if args.compile else {}))
+    except RuntimeError as e:  # the cache for T + n positions is allocated first: too large a n
+        if not (isinstance(e, torch.OutOfMemoryError) or "allocate" in str(e)):
+            raise
+        raise ValueError(f"no memory for the cache of {T} + --max_new_tokens={n} positions; ask "
+                         f"for fewer tokens") from None
+
+
+def sample(model, x, tok, stop, generator, echo, args, draft=None):
+    """One sample streamed to stdout; its speed (and a draft's acceptance) to stderr."""
     # an encoder-decoder's output does not continue the prompt: no echo, no context
     decoder_only = model.config.architecture == "decoder_only"
     streamer = Streamer(tok, stop, echo if decoder_only else "", x[0].tolist() if decoder_only
                         else ())
     n = args.max_new_tokens or default_new_tokens(model)
+    stats = {}
     t0 = time.perf_counter()
-    try:
-        model.generate(x, n, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                       stop_tokens=stop, generator=generator, callback=streamer)
-    except RuntimeError as e:  # the cache for T + n positions is allocated first: too large a n
-        if not (isinstance(e, torch.OutOfMemoryError) or "allocate" in str(e)):
-            raise
-        raise ValueError(f"no memory for the cache of {x.shape[1]} + --max_new_tokens={n} "
-                         f"positions; ask for fewer tokens") from None
+    out = decode(model, x, n, args, stop, generator, streamer, draft, stats)
+    for t in out[0, x.shape[1] if decoder_only else 1:] if args.num_beams > 1 else ():
+        streamer(t[None])                         # beam search knows its text only at the end
     streamer.flush()
     dt = time.perf_counter() - t0
     streamer.write("\n")
     print(f"{streamer.count} tokens in {dt:.2f} s: {streamer.count / dt:.1f} tokens/s",
+          file=sys.stderr)
+    if stats:
+        print(f"draft: {stats['accepted']} of {stats['drafted']} drafted tokens accepted "
+              f"({stats['accepted'] / max(stats['drafted'], 1):.0%}) in {stats['rounds']} "
+              f"rounds", file=sys.stderr)
+
+
+def sample_batch(model, rows, texts, tok, stop, generator, args):
+    """--batch: every prompt (rows: lists of ids) decoded as one padded batch; each printed, a
+    decoder's continuation after its prompt, once all are done."""
+    decoder_only = model.config.architecture == "decoder_only"
+    n = args.max_new_tokens or default_new_tokens(model)
+    if decoder_only and model.config.positions_bounded and not args.max_new_tokens:
+        n = max(1, min(n, model.config.block_size - max(map(len, rows))))  # a batch does not crop
+    t0 = time.perf_counter()
+    if decoder_only:
+        new = [out[len(r):] for r, out in zip(rows, decode(model, rows, n, args, stop, generator))]
+    else:  # sources padded on the right, as an encoder takes them
+        device = model.encoder.wte.weight.device
+        S = max(map(len, rows))
+        src = torch.tensor([r + [0] * (S - len(r)) for r in rows], device=device)
+        mask = torch.tensor([[1] * len(r) + [0] * (S - len(r)) for r in rows], device=device)
+        out = decode(model, src, n, args, stop, generator, attention_mask=mask)
+        new = [row[1:].tolist() for row in out]
+        new = [row[:next((i + 1 for i, t in enumerate(row) if t in stop), len(row))]
+               for row in new]
+    dt = time.perf_counter() - t0
+    for i, (text, ids) in enumerate(zip(texts, new)):
+        if i:
+            print(SEPARATOR)
+        print((text if decoder_only else "") + tok.decode([t for t in ids if t not in stop]))
+    count = sum(map(len, new))
+    print(f"{count} tokens ({len(rows)} prompts) in {dt:.2f} s: {count / dt:.1f} tokens/s",
           file=sys.stderr)
 
 
@@ -358,19 +464,61 @@ def run(args):
         raise ValueError(f"{name} is a classifier (objective=classify): give its text with "
                          f"--classify TEXT")
     arch = model.config.architecture
-    ids, echo = input_ids(args, arch, loaded, name, model.config.vocab_size)
+    if args.compile and arch != "decoder_only":
+        raise ValueError(f"--compile compiles a decoder's step; {name} is {arch}: drop it")
+    if args.batch:
+        rows, texts = batch_inputs(args, arch, loaded, name)
+    else:
+        ids, echo = input_ids(args, arch, loaded, name, model.config.vocab_size)
     if arch == "encoder_only" and loaded.mask_id is None:
         raise ValueError(f"{name} has no [MASK] token to fill (our checkpoints have one when "
                          f"trained with objective=mlm; a HF directory's tokenizer.json names it)")
-    model = model.to(device=device, dtype=DTYPES[args.dtype]).eval()
+    model = prepare(model, device, args)
+    draft = prepare(load_draft(args.draft, arch), device, args) if args.draft else None
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    if args.batch:
+        for i in range(args.num_samples):
+            if i:
+                print(SEPARATOR)
+            sample_batch(model, rows, texts, loaded.tok, loaded.stop, generator, args)
+        return
     x = torch.tensor([ids], dtype=torch.long, device=device)                # (1, T)
     if arch == "encoder_only":
         return fill_mask(model, x, loaded.tok, loaded.mask_id, loaded.n_fill, args.top_k)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
     for i in range(args.num_samples):
         if i:
             print(SEPARATOR)
-        sample(model, x, loaded.tok, loaded.stop, generator, echo, args)
+        sample(model, x, loaded.tok, loaded.stop, generator, echo, args, draft)
+
+
+def prepare(model, device, args):
+    """The model on its device in --dtype, for inference, with --quantize's weights."""
+    model = model.to(device=device, dtype=DTYPES[args.dtype]).eval()
+    return quantize(model, args.quantize) if args.quantize else model
+
+
+def load_draft(path, arch):
+    """--draft: a ckpt.pt or a HF-format directory holding a decoder (speculative decoding needs
+    only the vocabulary to match, which speculative_generate checks; a poor draft costs speed)."""
+    if arch != "decoder_only":
+        raise ValueError(f"--draft drafts for a decoder_only model; this one is {arch}")
+    path = Path(path)
+    return load_hf_model(path) if path.is_dir() else from_checkpoint(load_checkpoint(path))
+
+
+def batch_inputs(args, arch, loaded, name):
+    """--batch: the non-empty lines of --prompt_file / --source_file, as (ids per line, text)."""
+    given = "prompt_file" if args.prompt_file else "source_file"
+    if INPUTS[given] != arch:
+        raise ValueError(f"--{given} is for {INPUTS[given]} models, but {name} is {arch}: give "
+                         f"its input with {HOW[arch]}")
+    if loaded.tok is None:
+        raise ValueError(f"{name} stores no tokenizer; --batch needs one to read the lines")
+    texts = [line for line in read_input(given, getattr(args, given)).splitlines() if line]
+    if not texts:
+        raise ValueError(f"--{given} {getattr(args, given)} has no non-empty line; write one "
+                         f"prompt a line")
+    return [loaded.encode(t) for t in texts], texts
 
 
 def main(argv=None):

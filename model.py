@@ -32,8 +32,9 @@ Index: every variant is a Config value; this is where each one lives.
                     Transformer.classify (cls_head, n_classes: NSP, SOP, classification)
   stochastic depth  DropPath
   memory            grad_checkpoint (Block.residual: per residual branch), LinearCrossEntropy
-  decoding          Transformer.setup_cache, generate (crops past a position table), sample_loop,
-                    sample, LOGIT_FILTERS
+  decoding          Transformer.setup_cache, generate (crops past a position table; a list of
+                    prompts: left-padded; decode_step: compiled), sample_loop, sample,
+                    LOGIT_FILTERS; int8, speculative decoding and beam search: decoding.py
   input checks      LIMITS, Config.check_layout, read_yaml, check_key (FOREIGN_KEYS), check_inputs,
                     check_ids, check_sampling; other projects' schema: from_seed_schema
 
@@ -603,16 +604,18 @@ class RoPE(Position):
             raise ValueError(f"rope_high_freq_factor={cfg.rope_high_freq_factor} must exceed "
                              f"rope_low_freq_factor={cfg.rope_low_freq_factor}")
 
-    def rotary(self, pos, mixer):                                             # pos: (T,)
+    def rotary(self, pos, mixer):                                 # pos: (T,), or (B, T) per row
         kind = "local" if mixer == "local_attn" else "global"
         inv = self.inv_freq_local if kind == "local" else self.inv_freq
         scaling, factor = self.scalings[kind]
-        f = pos.float()[:, None] * ROPE_SCALINGS[scaling](inv, self.cfg, pos)
+        f = pos.float()[..., None] * ROPE_SCALINGS[scaling](inv, self.cfg, pos)
         f = torch.cat((f, f), dim=-1)                                         # (T, rd)
+        if f.dim() == 3:  # each row its own positions (a left-padded batch): (B, 1, T, rd)
+            f = f[:, None]
         return f.cos() * factor, f.sin() * factor
 
 
-def apply_rope(x, cos, sin):                         # x: (B, nh, T, hs); cos, sin: (T, rd)
+def apply_rope(x, cos, sin):          # x: (B, nh, T, hs); cos, sin: (T, rd) or (B, 1, T, rd)
     rd = cos.shape[-1]
     if rd < x.shape[-1]:                             # partial RoPE rotates the first rd channels
         return torch.cat((apply_rope(x[..., :rd], cos, sin), x[..., rd:]), dim=-1)
@@ -760,22 +763,34 @@ class Context(NamedTuple):
 
 class KVCache(nn.Module):
     """Static, preallocated keys and values of one attention layer, (B, nkv, S, hs). With `window`
-    it is a ring buffer of `window` slots (position p in slot p % window): a sliding-window layer
-    keeps only the keys it can still see."""
+    it is a ring buffer (position p in slot p % S) of window + chunk - 1 slots: a sliding-window
+    layer keeps only the keys it can still see, plus room for a chunk of `chunk` tokens after the
+    prefill (speculative verification) to be written without overwriting keys its first query
+    reads. `static`: every call reads all S slots, those not yet written masked like padding, so
+    a decode step has the same shapes at every position (torch.compile, CUDA graphs)."""
 
     def __init__(self, batch_size, n_kv_head, max_len, head_dim, window=None, dtype=None,
-                 device=None):
+                 device=None, chunk=1, static=False):
         super().__init__()
-        self.slots = min(max_len, window) if window else max_len
+        self.slots = min(max_len, window + chunk - 1) if window else max_len
+        self.window, self.static = window, static
         shape = (batch_size, n_kv_head, self.slots, head_dim)               # (B, nkv, S, hs)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("slot_ids", torch.arange(self.slots, device=device), persistent=False)
+        if static:  # CUDA graphs replay on these very buffers: their addresses must not change
+            torch._dynamo.mark_static_address(self.k)
+            torch._dynamo.mark_static_address(self.v)
 
     def write(self, pos, k, v):       # pos: (T,) absolute positions; k, v: (B, nkv, T, hs)
-        if len(pos) > 1 and int(pos[0]) > 0 and int(pos[-1]) >= self.slots:
+        # a chunk after the prefill overwrites the keys of positions pos - S, which its first query
+        # still reads unless they lie a whole window back; checked only where the ring wraps
+        ring = self.window is not None and self.slots < self.window + len(pos) - 1
+        if len(pos) > 1 and ring and int(pos[0]) > 0 and int(pos[-1]) >= self.slots:
             raise ValueError(f"a {len(pos)}-token chunk at position {int(pos[0])} would overwrite "
                              f"ring-buffer slots it still reads; prefill from position 0, then "
-                             f"decode one token at a time")
+                             f"decode one token at a time (or set up the cache with chunk="
+                             f"{len(pos)})")
         if len(pos) > self.slots:     # a prefill longer than the window keeps only its last slots
             pos, k, v = pos[-self.slots:], k[:, :, -self.slots:], v[:, :, -self.slots:]
         slot = pos % self.slots       # the identity unless this is a sliding-window layer
@@ -785,11 +800,22 @@ class KVCache(nn.Module):
     def read(self, n):                # the first n slots (the written ones): (B, nkv, n, hs) each
         return self.k[:, :, :n], self.v[:, :, :n]
 
-    def positions(self, last):
-        """The absolute position each written slot holds once position `last` is written: (S,).
-        Only the written slots are read, so a step costs O(length so far), not O(max_len)."""
+    def positions(self, pos):
+        """The absolute position each slot a call at positions pos (T,) reads holds, once pos is
+        written: (S,). Only the written slots are read, so a step costs O(length so far), not
+        O(max_len); a static cache reads all slots, an unwritten one at a future position (slot
+        s of a ring not yet filled: s), which causal masking hides."""
+        if self.static:  # tensor arithmetic only: no position is read back to the host
+            last = pos[-1]
+            held = last - (last - self.slot_ids) % self.slots
+            return torch.where(held < 0, held + self.slots, held)
+        last = int(pos[-1])
         n = min(self.slots, last + 1)
-        return last - (last - torch.arange(n, device=self.k.device)) % self.slots
+        return last - (last - self.slot_ids[:n]) % self.slots
+
+    def reorder(self, rows):          # beam search: row i now continues row rows[i]
+        self.k.copy_(self.k.index_select(0, rows))
+        self.v.copy_(self.v.index_select(0, rows))
 
 
 def attention_mask(qpos, kpos, causal, window=None, pad=None, bias=None):
@@ -1158,6 +1184,10 @@ class DeltaNetState(nn.Module):
         self.conv.copy_(qkv[..., qkv.shape[-1] - self.conv.shape[-1]:])
         self.S.copy_(S)
 
+    def reorder(self, rows):          # beam search: row i now continues row rows[i]
+        self.conv.copy_(self.conv.index_select(0, rows))
+        self.S.copy_(self.S.index_select(0, rows))
+
 
 class GatedDeltaNet(nn.Module):
     """Gated DeltaNet mixer: conv-mixed q/k/v, L2-normed q/k, gated delta rule, gated RMSNorm."""
@@ -1242,9 +1272,14 @@ class GLU(nn.Module):
         self.up = nn.Linear(cfg.d_model, width, bias=cfg.ffn_biased)
         self.down = nn.Linear(width, cfg.d_model, bias=cfg.ffn_biased)
         self.act, self.drop = ACTIVATIONS[cfg.activation], nn.Dropout(cfg.dropout)
+        self.gate_up = None  # decoding.quantize: [gate; up] as one matrix, one int8 kernel call
 
     def forward(self, x):                                            # (B, T, C)
-        return self.drop(self.down(self.act(self.gate(x)) * self.up(x)))
+        if self.gate_up is None:
+            g, u = self.gate(x), self.up(x)
+        else:
+            g, u = self.gate_up(x).chunk(2, dim=-1)                  # (B, T, F) each
+        return self.drop(self.down(self.act(g) * u))
 
 
 FFNS = {"mlp": MLP, "glu": GLU}
@@ -1676,8 +1711,8 @@ class Transformer(nn.Module):
         cross_attention reads `memory` (B, S, C), padding `memory_mask`.
         """
         cfg = self.config
-        check_inputs(input_ids, targets=targets, token_type_ids=token_type_ids,
-                     attention_mask=attention_mask)
+        check_inputs(input_ids, targets=targets, token_type_ids=token_type_ids,  # with a cache the
+                     attention_mask=attention_mask if cache is None else None)  # mask may be longer
         if cls_targets is not None and not cfg.cls_head:
             raise ValueError("cls_targets train the sequence classifier, which this config lacks; "
                              "set cls_head: true")
@@ -1698,20 +1733,24 @@ class Transformer(nn.Module):
     def lm_logits(self, x, targets=None):
         """Final states x (B, T, C) -> (logits (B, T, V), mean cross-entropy over targets != -1,
         or None without targets). With targets the head and its loss run fused, in row blocks
-        (LinearCrossEntropy): no (B, T, V) fp32 tensor is kept for backward."""
+        (LinearCrossEntropy): no (B, T, V) fp32 tensor is kept for backward. A head that is not a
+        Linear (decoding.quantize's int8) runs unfused."""
         cfg = self.config
         if cfg.head_input_scale is not None:
             x = x * cfg.head_input_scale
         h = self.head_transform(x)                                        # (B, T, E)
+        if targets is not None and isinstance(self.lm_head, nn.Linear):
+            loss, logits = LinearCrossEntropy.apply(h.flatten(0, -2), self.lm_head.weight,
+                                                    self.lm_head.bias, targets.reshape(-1),
+                                                    cfg.final_softcap, torch.is_grad_enabled())
+            return logits.view(*h.shape[:-1], -1), loss
+        logits = self.lm_head(h)                                          # (B, T, V)
+        if cfg.final_softcap is not None:
+            logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
         if targets is None:
-            logits = self.lm_head(h)                                      # (B, T, V)
-            if cfg.final_softcap is not None:
-                logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
             return logits, None
-        loss, logits = LinearCrossEntropy.apply(h.flatten(0, -2), self.lm_head.weight,
-                                                self.lm_head.bias, targets.reshape(-1),
-                                                cfg.final_softcap, torch.is_grad_enabled())
-        return logits.view(*h.shape[:-1], -1), loss
+        return logits, F.cross_entropy(logits.float().flatten(0, -2), targets.reshape(-1),
+                                       ignore_index=-1)
 
     def classify(self, x, attention_mask=None):
         """Sequence logits (B, n_classes) from the final states x (B, T, C). An encoder pools its
@@ -1745,13 +1784,20 @@ class Transformer(nn.Module):
             if cache is not None and int(pos[0]) % cfg.block_width == 0:  # a new block: each
                 for low, high in zip(cache, cache[1:]):  # layer's memory is the layer above's
                     low.store(high.k, high.v, high.pos)
-        decoding = cache is not None and int(pos[0]) > 0
-        if attention_mask is not None and decoding:
-            raise ValueError("attention_mask is for encoders and full forwards; cached decoding "
-                             "takes unpadded rows")
-        pad = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None
-        x = self.embed(input_ids, pos, token_type_ids)                   # (B, T, C)
-        ctx = {t: self.context(t, pos, cache, pad, decoding) for t in set(self.mixer_types)}
+        # a compiled call continues the cache without reading its position back (a host sync
+        # would split the graph): compile only the one-token decode step, as generate does
+        decoding = cache is not None and (torch.compiler.is_compiling() or int(pos[0]) > 0)
+        keep, rows = None, pos
+        if attention_mask is not None:
+            keep = attention_mask.bool()                                     # (B, L)
+            if cache is not None and not torch.compiler.is_compiling() and (
+                    keep.shape[0] != B or keep.shape[1] <= int(pos[-1])):
+                raise ValueError(f"with a cache, attention_mask covers every position so far: "
+                                 f"({B}, {int(pos[-1]) + 1}) or longer, got {tuple(keep.shape)}")
+            if cfg.architecture != "encoder_only":  # positions count each row's own tokens, so
+                rows = (keep.cumsum(-1) - 1).clamp(min=0)[:, pos]  # left padding shifts none
+        x = self.embed(input_ids, rows, token_type_ids)                  # (B, T, C)
+        ctx = {t: self.context(t, pos, cache, keep, decoding, rows) for t in set(self.mixer_types)}
         if self.training and (cfg.memory_dropout or cfg.state_dropout):  # one draw per row and
             blocks = int(pos[-1]) // cfg.block_width - int(pos[0]) // cfg.block_width + 1  # block
             p = torch.tensor([cfg.memory_dropout, cfg.state_dropout], device=x.device)
@@ -1761,10 +1807,10 @@ class Transformer(nn.Module):
         if cfg.cross_attention:
             cross = self.cross_context(pos, decoding, memory, memory_mask)
         halting = [torch.zeros(B, T, device=x.device)] * 3 if self.act else None
-        out = torch.zeros_like(x)                                # ACT: halting-weighted states
+        out = torch.zeros_like(x) if self.act else None          # ACT: halting-weighted states
         for i, b in enumerate(self.block_of):
             if cfg.depth_embedding != "none":
-                x = x + self.depth_signal(i, pos)
+                x = x + self.depth_signal(i, rows)
             if self.act is not None:
                 w, halting = self.act(x, halting, last=i == cfg.n_layer - 1)       # (B, T)
             kv = x                                             # the last block's input, for EMD
@@ -1783,17 +1829,25 @@ class Transformer(nn.Module):
             h = self.norm_f(h)
         return x, h
 
-    def context(self, mixer, pos, cache, pad, decoding) -> Context:
-        """What the layers of one mixer type read about this call. Attention layers (attn,
-        local_attn) read their keys' positions (decoding: their cache's slots) and the position
-        scheme's score bias; the others keep their own keys."""
-        kpos, bias = pos, None
+    def context(self, mixer, pos, cache, keep, decoding, rows=None) -> Context:
+        """What the layers of one mixer type read about this call: pos (T,) the positions of the
+        new tokens (their cache slots), keep (B, L) which positions hold tokens (None: all), rows
+        the positions each row's embeddings and rotary see (pos, or (B, T) in a padded batch).
+        Attention layers (attn, local_attn) read their keys' positions (decoding: their cache's
+        slots) and the position scheme's score bias; the others keep their own keys."""
+        kpos, bias, pad, rows = pos, None, None, pos if rows is None else rows
         if mixer in ("attn", "local_attn"):
             if decoding:
-                kpos = cache[self.mixer_types.index(mixer)].positions(int(pos[-1]))
+                slots = cache[self.mixer_types.index(mixer)]
+                kpos = slots.positions(pos)
+                if slots.static:  # every slot is read: those not yet written are masked too
+                    pad = (kpos <= pos[-1])[None, None, None, :]                # (1, 1, 1, S)
             bias = self.position.score_bias(pos, kpos)
+        if keep is not None:
+            held = keep[:, kpos][:, None, None, :]                               # (B, 1, 1, S)
+            pad = held if pad is None else pad & held
         return Context(pos=pos, kpos=kpos, causal=self.config.architecture != "encoder_only",
-                       decoding=decoding, pad=pad, rope=self.position.rotary(pos, mixer),
+                       decoding=decoding, pad=pad, rope=self.position.rotary(rows, mixer),
                        bias=bias, position=self.position)
 
     def cross_context(self, pos, decoding, memory, memory_mask) -> Context:
@@ -1804,17 +1858,20 @@ class Transformer(nn.Module):
         return Context(pos=pos, kpos=torch.arange(memory.shape[1], device=pos.device), causal=False,
                        decoding=decoding, pad=pad, memory=memory)
 
-    def depth_signal(self, step, pos):                                   # -> (T, C) or (C,)
+    def depth_signal(self, step, pos):                           # -> (T, C), (B, T, C) or (C,)
         if self.config.depth_embedding == "learned":
             return self.step_emb.weight[step]
         return self.step_table[step] + self.pos_table[pos]
 
     def embed(self, input_ids, pos, token_type_ids=None):
-        """Token (+ position, + token type) embeddings, normed and projected: (B, T, C)."""
+        """Token (+ position, + token type) embeddings, normed and projected: (B, T, C). pos: (T,),
+        or (B, T) where each row has its own positions. A compiled step skips the range check, which
+        reads a position back (generate checks its whole range before the loop)."""
         cfg = self.config
-        if cfg.positions_bounded and int(pos[-1]) >= cfg.block_size:
-            raise ValueError(f"position {int(pos[-1])} is beyond block_size={cfg.block_size} (the "
-                             f"position table's length); use a shorter input")
+        if cfg.positions_bounded and not torch.compiler.is_compiling() and (
+                int(pos.max()) >= cfg.block_size):
+            raise ValueError(f"position {int(pos.max())} is beyond block_size={cfg.block_size} "
+                             f"(the position table's length); use a shorter input")
         x = self.wte(input_ids)                                          # (B, T, E)
         if cfg.embed_scale is not None:  # a tensor in the working dtype, as Gemma rounds it
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
@@ -1829,17 +1886,19 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------------------------------
     # 5. Inference: cache and generation
 
-    def setup_cache(self, batch_size, max_len, dtype=None, device=None):
+    def setup_cache(self, batch_size, max_len, dtype=None, device=None, chunk=1, static=False):
         """Per-layer decoding state for `max_len` positions: static KV caches (sliding-window
-        layers hold only their window, as a ring buffer), DeltaNet states, block memories."""
-        p = self.lm_head.weight
+        layers hold only their window, as a ring buffer), DeltaNet states, block memories. chunk:
+        the most tokens one call after the prefill brings (speculative verification); static: KV
+        caches read every slot at every step (fixed shapes for torch.compile; see KVCache)."""
+        p = self.wte.weight
         dtype, device, cfg = dtype or p.dtype, device or p.device, self.config
         if cfg.moe_router == "expert_choice" and any(f == "moe" for _, f in self.layer_types):
             raise ValueError("moe_router='expert_choice' is not causal (experts pick among all "
                              "tokens of a call), so cached decoding cannot route as training did; "
                              "sample from a token_choice model")
         kv = lambda window=None: KVCache(batch_size, cfg.kv_heads, max_len, cfg.hs, window, dtype,
-                                         device)
+                                         device, chunk, static)
         make = {"attn": kv, "local_attn": lambda: kv(cfg.sliding_window),
                 "deltanet": lambda: DeltaNetState(batch_size, cfg, dtype, device),
                 "block_attn": BlockMemory, "recurrent": BlockMemory}
@@ -1850,36 +1909,60 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 min_p=None, repetition_penalty=1.0, stop_tokens=(), generator=None, callback=None):
+                 min_p=None, repetition_penalty=1.0, stop_tokens=(), generator=None, callback=None,
+                 compile=False):
         """Sample up to max_new_tokens after input_ids (B, T); returns (B, T + n) token ids.
 
         temperature 0 is greedy. Filters apply in the order top_k, top_p, min_p. A row stops at
         any of stop_tokens (later positions repeat the stop token). callback(ids (B,)) streams.
+        input_ids may instead be a list of prompts (lists of ids) of any lengths: they decode as
+        one left-padded batch, each row as it would alone, and the result is a list of lists (each
+        prompt and its new tokens, up to its stop token). compile: torch.compile the one-token
+        step over static caches (CUDA graphs on a GPU); it pays after the first call's compile.
         """
         cfg = self.config
         if cfg.architecture != "decoder_only":
             raise ValueError(f"generate() samples from decoder-only models; this one is "
                              f"{cfg.architecture}")
         check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+        prompts, keep = input_ids, None
+        if isinstance(prompts, list):
+            input_ids, keep = left_pad(prompts, max_new_tokens, self.wte.weight.device)
         check_inputs(input_ids)
         check_ids(input_ids, cfg.vocab_size)
         B, T = input_ids.shape
         if T > cfg.block_size:
             raise ValueError(f"prompt of {T} tokens exceeds the context of {cfg.block_size} "
                              f"tokens; shorten the prompt")
+        if compile and any(t not in ("attn", "local_attn") for t in self.mixer_types):
+            raise ValueError("compile=True compiles attention-only decoders (DeltaNet and "
+                             "block-recurrent layers carry state it does not handle); drop it")
         # A position table ends at block_size: past it, as nanoGPT, each token re-encodes the last
         # block_size tokens, which all move one position down, so no cached key stays valid
-        crop = cfg.block_size if cfg.positions_bounded else None
-        n = T + max_new_tokens
-        cache = self.setup_cache(B, min(n, crop) if crop else n, device=input_ids.device)
+        crop, n = cfg.block_size if cfg.positions_bounded else None, T + max_new_tokens
+        if crop and keep is not None and n > crop:
+            raise ValueError(f"a batch of prompts decodes within the position table's "
+                             f"{crop} tokens: ask for at most {crop - T} new tokens")
+        cache = self.setup_cache(B, min(n, crop) if crop else n, device=input_ids.device,
+                                 static=compile)
 
         def step(seq, pos):
             if crop and int(pos[-1]) >= crop:
                 return self(seq[:, -crop:]).logits[:, -1]
-            return self(seq[:, -len(pos):], cache=cache, input_pos=pos).logits[:, -1]
-        return sample_loop(step, input_ids, max_new_tokens, temperature, generator,
-                           repetition_penalty, stop_tokens, callback, top_k=top_k, top_p=top_p,
-                           min_p=min_p)
+            return self(seq[:, -len(pos):], cache=cache, input_pos=pos,
+                        attention_mask=keep).logits[:, -1]
+        if compile:  # the prefill (several tokens) runs eagerly: see hidden()
+            fast = torch.compile(decode_step, mode="reduce-overhead" if input_ids.is_cuda else None)
+            step = lambda seq, pos, eager=step: (
+                fast(self, seq[:, -1:], pos, cache, keep)
+                if len(pos) == 1 and (crop is None or int(pos[-1]) < crop) else eager(seq, pos))
+        seq = sample_loop(step, input_ids, max_new_tokens, temperature, generator,
+                          repetition_penalty, stop_tokens, callback, top_k=top_k, top_p=top_p,
+                          min_p=min_p)
+        if keep is None:
+            return seq
+        return [row[T - len(p):].tolist()[:len(p) + first_stop(row[T:], stop_tokens)]
+                for p, row in zip(prompts, seq)]
 
 
 class EncoderDecoder(Transformer):
@@ -1921,8 +2004,8 @@ class EncoderDecoder(Transformer):
                       torch.zeros((), device=memory.device))
         return out._replace(aux_loss=out.aux_loss + enc_aux)
 
-    def setup_cache(self, batch_size, max_len, dtype=None, device=None):
-        return self.decoder.setup_cache(batch_size, max_len, dtype, device)
+    def setup_cache(self, batch_size, max_len, dtype=None, device=None, chunk=1, static=False):
+        return self.decoder.setup_cache(batch_size, max_len, dtype, device, chunk, static)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
@@ -1959,23 +2042,55 @@ def sample_loop(step, seq, max_new_tokens, temperature, generator, repetition_pe
                 callback, **filters):
     """Prefill `seq` (B, T) with step(seq, pos) -> next-token logits (B, V), the new tokens at
     positions pos being seq's last, then sample one token at a time; a row that emits a stop token
-    repeats it. Returns (B, T + n)."""
+    repeats it. Returns (B, T + n). The output and the positions are allocated once: a step
+    allocates nothing of its own."""
     B, T = seq.shape
+    out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=seq.device)
+    out[:, :T] = seq
+    positions = torch.arange(T + max_new_tokens, device=seq.device)
     done = torch.zeros(B, dtype=torch.bool, device=seq.device)
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=seq.device)
-    logits = step(seq, torch.arange(T, device=seq.device))
-    for i in range(max_new_tokens):
-        logits = apply_repetition_penalty(logits, seq, repetition_penalty)
-        nxt = sample(logits, temperature, generator, **filters)                 # (B,)
-        nxt = torch.where(done, seq[:, -1], nxt)
-        seq = torch.cat((seq, nxt[:, None]), dim=1)
+    logits = step(seq, positions[:T])
+    for i in range(T, T + max_new_tokens):
+        logits = apply_repetition_penalty(logits, out[:, :i], repetition_penalty)
+        nxt = sample(logits, temperature, generator, **filters)                  # (B,)
+        if len(stop):
+            nxt = torch.where(done, out[:, i - 1], nxt)
+            done |= torch.isin(nxt, stop)
+        out[:, i] = nxt
         if callback is not None:
             callback(nxt)
-        done |= torch.isin(nxt, stop)
-        if bool(done.all()) or i == max_new_tokens - 1:
-            break
-        logits = step(seq, torch.tensor([T + i], device=seq.device))
-    return seq
+        if i == T + max_new_tokens - 1 or (len(stop) and bool(done.all())):
+            return out[:, :i + 1]
+        logits = step(out[:, :i + 1], positions[i:i + 1])
+    return out
+
+
+def decode_step(model, ids, pos, cache, keep):
+    """One cached step's next-token logits (B, V): what generate(compile=True) compiles."""
+    return model(ids, cache=cache, input_pos=pos, attention_mask=keep).logits[:, -1]
+
+
+def left_pad(prompts, max_new_tokens, device):
+    """A list of prompts (lists of ids) as one batch: ids (B, T) padded on the left, each row with
+    its own first token (finite embeddings, nothing new for a repetition penalty to see), and keep
+    (B, T + max_new_tokens), False at the padding: the attention_mask of every step."""
+    if not prompts or not all(isinstance(p, (list, tuple)) and p for p in prompts):
+        raise ValueError("a list of prompts must hold non-empty lists of token ids")
+    if not all(isinstance(i, int) for p in prompts for i in p):
+        raise ValueError("a list of prompts must hold lists of int token ids")
+    T = max(map(len, prompts))
+    ids = torch.tensor([[p[0]] * (T - len(p)) + list(p) for p in prompts], device=device)
+    keep = torch.ones(len(prompts), T + max_new_tokens, dtype=torch.bool, device=device)
+    for row, p in zip(keep, prompts):
+        row[:T - len(p)] = False
+    return ids, keep
+
+
+def first_stop(new, stop_tokens):
+    """How many of the new tokens (n,) to keep: up to and including the first stop token."""
+    hits = [i for i, t in enumerate(new.tolist()) if t in stop_tokens]
+    return hits[0] + 1 if hits else len(new)
 
 
 def check_sampling(temperature, top_k, top_p, min_p, repetition_penalty):
@@ -2022,15 +2137,20 @@ def apply_repetition_penalty(logits, prev_ids, penalty):
     return logits.scatter(-1, prev_ids, torch.where(seen > 0, seen / penalty, seen * penalty))
 
 
-def sample(logits, temperature=1.0, generator=None, **filters):
-    """logits (B, V) -> ids (B,). temperature 0 = argmax; filters top_k, top_p, min_p (None off)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
+def sampling_probs(logits, temperature=1.0, **filters):
+    """logits (.., V) -> the probabilities sample() draws from (temperature > 0), (.., V) fp32."""
     logits = logits.float() / temperature
     for name, f in LOGIT_FILTERS.items():
         if filters.get(name):
             logits = f(logits, filters[name])
-    probs = F.softmax(logits, dim=-1)
+    return F.softmax(logits, dim=-1)
+
+
+def sample(logits, temperature=1.0, generator=None, **filters):
+    """logits (B, V) -> ids (B,). temperature 0 = argmax; filters top_k, top_p, min_p (None off)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = sampling_probs(logits, temperature, **filters)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
