@@ -37,7 +37,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from data.objectives import class_probs
+from data.objectives import checkpoint_specials, class_probs
 from data.tokenizers import ObjectiveTokenizer, get_tokenizer, hf_tokenizer
 from decoding import QUANTIZERS, beam_search, quantize, speculative_generate
 from model import Transformer, check_sampling, from_checkpoint, load_checkpoint
@@ -197,10 +197,12 @@ def load(args):
         model, meta, objective = from_checkpoint(ckpt), ckpt.get("tokenizer"), ckpt.get(
             "objective", "lm")
         tok = get_tokenizer(meta) if meta else None
-        if tok is None or objective in ("lm", "classify"):  # classify frames the text itself
+        if tok is None or objective == "lm":
             return Loaded(model, tok, tok.encode if tok else None, (), None, 0,
                           tuple(ckpt.get("classes", ())))
-        tok = ObjectiveTokenizer(tok, objective)
+        tok = ObjectiveTokenizer(tok, objective, checkpoint_specials(tok, ckpt))
+        if objective == "classify":  # class_probs frames the text itself
+            return Loaded(model, tok, tok.tok.encode, (), None, 0, tuple(ckpt["classes"]))
         return Loaded(model, tok, tok.encode, (tok.eos,), tok.mask_id, tok.base)
     hf_dir = Path(args.hf)
     model = load_hf_model(hf_dir)
@@ -426,7 +428,7 @@ def classify(model, loaded, text, name):
     ids = loaded.encode(text)
     if not ids:
         raise ValueError("--classify got no text; pass the text to label")
-    probs = class_probs(model, [ids], loaded.tok.vocab_size)[0]          # (n_classes,)
+    probs = class_probs(model, [ids], loaded.tok.sp)[0]                  # (n_classes,)
     order = probs.argsort(descending=True).tolist()
     print(loaded.classes[order[0]])
     for i in order:

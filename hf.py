@@ -172,7 +172,7 @@ def bert_config(hf):
                 d_ff=hf["intermediate_size"], norm_eps=hf["layer_norm_eps"], norm_placement="post",
                 final_norm=False, activation=ACTIVATIONS[hf["hidden_act"]],
                 type_vocab_size=hf["type_vocab_size"], embed_norm=True, head_transform=True,
-                head_bias=True, cls_head=True, tie_embeddings=hf.get("tie_word_embeddings", True))
+                head_bias=True, tie_embeddings=hf.get("tie_word_embeddings", True))
 
 
 def albert_config(hf):
@@ -210,7 +210,7 @@ def deberta_config(hf):
                          f"DeBERTa-v3-style configs (no embed_proj)")
     hs = hf["hidden_size"] // hf["num_attention_heads"]
     max_rel = hf.get("max_relative_positions", -1)
-    return {**bert_config(hf), "position": "disentangled", "cls_head": False,
+    return {**bert_config(hf), "position": "disentangled",
             "rel_buckets": hf["position_buckets"],
             "rel_max_distance": max_rel if max_rel > 0 else hf["max_position_embeddings"],
             "attn_scale": (3 * hs) ** -0.5}  # q·k and both relative terms share sqrt(3·hs)
@@ -414,8 +414,9 @@ T5_KEYS = t5_keys(T5_FFN)
 
 
 def transpose_conv1d(sd, cfg):
-    """GPT-2's Conv1D weights are (in, out): transposed to Linear's (out, in)."""
-    for name in [n for n in sd if sd[n].dim() == 2 and not n.startswith(("wte", "wpe"))]:
+    """GPT-2's Conv1D weights (its blocks' matrices) are (in, out): transposed to Linear's (out,
+    in)."""
+    for name in [n for n in sd if sd[n].dim() == 2 and n.startswith("blocks.")]:
         sd[name] = sd[name].t()
 
 
@@ -452,11 +453,6 @@ def flatten_logits_bias(sd, cfg):
     sd["decoder.lm_head.bias"] = sd["decoder.lm_head.bias"].flatten()
 
 
-def masked_lm_heads(sd, cfg):
-    """A *ForMaskedLM file has no pooler and no NSP/SOP classifier (a *ForPreTraining one has)."""
-    cfg["cls_head"] = "cls.weight" in sd
-
-
 FAMILIES = {  # model_type -> (config translation, key table, reshapes in order)
     "gpt2": (gpt2_config, GPT2_KEYS, (transpose_conv1d, split_qkv)),
     "llama": (llama_config, LLAMA_KEYS, ()),
@@ -467,13 +463,55 @@ FAMILIES = {  # model_type -> (config translation, key table, reshapes in order)
     "mixtral": (mixtral_config, MIXTRAL_KEYS, (stack_experts,)),
     "qwen3_moe": (qwen3_moe_config, MOE_KEYS, (stack_experts,)),
     "qwen3_next": (qwen3_next_config, QWEN3_NEXT_KEYS, (merge_deltanet_in_proj, stack_experts)),
-    "bert": (bert_config, BERT_KEYS, (masked_lm_heads,)),
-    "albert": (albert_config, ALBERT_KEYS, (masked_lm_heads,)),
+    "bert": (bert_config, BERT_KEYS, ()),
+    "albert": (albert_config, ALBERT_KEYS, ()),
     "deberta-v2": (deberta_config, DEBERTA_KEYS, ()),
     "bart": (bart_config, BART_KEYS, (flatten_logits_bias,)),
     "marian": (marian_config, MARIAN_KEYS, (flatten_logits_bias,)),
     "t5": (t5_config, T5_KEYS, ()),
 }
+def context_pooler(hf):
+    """config.json fields DeBERTa's classifier needs: its ContextPooler applies pooler_hidden_act
+    (default gelu) to pooler_hidden_size outputs, ours tanh to the hidden size (as BERT's)."""
+    return {"pooler_hidden_act": "tanh", "pooler_hidden_size": hf["hidden_size"]}
+
+
+SCORE = {"score.weight": "cls.weight"}  # a decoder's: a bias-free matrix on the last token
+CLASSIFIER = {f"classifier.{w}": f"cls.{w}" for w in ("weight", "bias")}  # on the pooled [CLS]
+CONTEXT_POOLER = {f"pooler.dense.{w}": f"pooler.{w}" for w in ("weight", "bias")}  # DeBERTa's
+SEQUENCE_CLASSIFIERS = {  # model_type -> (its *ForSequenceClassification, the classifier's keys
+    "gpt2": ("GPT2ForSequenceClassification", SCORE, None),      # and pooler's, the config.json
+    "llama": ("LlamaForSequenceClassification", SCORE, None),    # fields those need)
+    "mistral": ("MistralForSequenceClassification", SCORE, None),
+    "qwen3": ("Qwen3ForSequenceClassification", SCORE, None),
+    "gemma2": ("Gemma2ForSequenceClassification", SCORE, None),
+    "gemma3_text": ("Gemma3TextForSequenceClassification", SCORE, None),
+    "mixtral": ("MixtralForSequenceClassification", SCORE, None),
+    "qwen3_moe": ("Qwen3MoeForSequenceClassification", SCORE, None),
+    "qwen3_next": ("Qwen3NextForSequenceClassification", SCORE, None),
+    "bert": ("BertForSequenceClassification", CLASSIFIER, None),      # the pooler: in BERT_KEYS
+    "albert": ("AlbertForSequenceClassification", CLASSIFIER, None),  # and ALBERT_KEYS
+    "deberta-v2": ("DebertaV2ForSequenceClassification", {**CLASSIFIER, **CONTEXT_POOLER},
+                   context_pooler),
+}
+PRETRAINING = {"bert": "BertForPreTraining", "albert": "AlbertForPreTraining"}  # + NSP or SOP
+
+
+# weights (and fields) only the LM head reads: a *ForSequenceClassification has no LM head, so
+# the export leaves them out and the import keeps ours as initialised
+LM_HEAD_WEIGHTS = ("lm_head.", "head_transform.", "emd_pos.")
+LM_HEAD_ONLY = ("tie_embeddings", "head_transform", "head_bias", "final_softcap",
+                "head_input_scale", "emd_steps")
+
+
+def heads(sd, cfg):
+    """The classifier a file holds, if any: a *ForPreTraining's NSP/SOP or a
+    *ForSequenceClassification's n-way one."""
+    cfg["cls_head"] = "cls.weight" in sd
+    if cfg["cls_head"]:
+        cfg["n_classes"] = len(sd["cls.weight"])
+
+
 IGNORED = ("attn.bias", "attn.masked_bias", "mtp.", "vision_tower.", "multi_modal_projector.",
            "embed_positions", "rotary_emb.inv_freq")  # buffers, sinusoids, parts we do not run
 PREFIXES = {"model.language_model.": "model."}         # multimodal Gemma 3: the text model
@@ -606,16 +644,22 @@ def from_pretrained(hf_dir):
         raise ValueError(f"HF model_type {family!r} is not supported; supported: "
                          f"{sorted(FAMILIES)}")
     make_config, keys, reshapes = FAMILIES[family]
+    _, classifier, pooler = SEQUENCE_CLASSIFIERS.get(family, (None, {}, None))
     try:
         raw = make_config(hf)
     except KeyError as e:
         raise ValueError(f"{path} lacks {e.args[0]!r}, which a {family} config needs") from None
-    sd, source = read_weights(hf_dir, keys)
+    sd, source = read_weights(hf_dir, {**keys, **classifier})
     try:
         for reshape in reshapes:
             reshape(sd, raw)
     except (RuntimeError, ValueError, IndexError) as e:
         raise ValueError(f"{hf_dir}: the weights do not fit {path} ({e})") from None
+    heads(sd, raw)
+    for key, want in (pooler(hf) if pooler and raw["cls_head"] else {}).items():
+        if hf.get(key) != want:
+            raise ValueError(f"{path} has {key}={hf.get(key)!r}; the import implements a "
+                             f"classifier whose pooler has {key}={want!r}")
     # HF ties the head to the embedding unless the file holds a different lm_head.weight
     head_key = next((k for k in sd if k.endswith("lm_head.weight")), None)
     head = sd.pop(head_key) if head_key else None
@@ -630,6 +674,8 @@ def from_pretrained(hf_dir):
     tie_shared(sd, model)
     check_shapes(sd, source, model, hf_dir)
     missing, unexpected = model.load_state_dict(sd, strict=False)
+    if str((hf.get("architectures") or [""])[0]).endswith("ForSequenceClassification"):
+        missing = [k for k in missing if not k.startswith(LM_HEAD_WEIGHTS)]  # it has no LM head
     if missing or unexpected:
         raise ValueError(f"{hf_dir}: weights do not match the {family} layout "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -887,30 +933,37 @@ def same(a, b):
     return a == b
 
 
-def family_config(family, cfg: Config):
+def family_config(family, cfg: Config, classifier=False):
     """(config.json fields, the import's Config of them) for one family: its inverse, then its
     import translation, with what the import decides from the weights (a tied head, BERT's NSP
-    head) taken from cfg where the family can hold it either way."""
+    head, a sequence classifier of n_classes) taken from cfg where the family can hold it."""
     hf = EXPORTS[family][0](cfg)
-    make_config, keys, reshapes = FAMILIES[family]
+    make_config, keys, _ = FAMILIES[family]
     raw = make_config(hf)
     keys = EXPORT_KEYS[family](cfg) if family in EXPORT_KEYS else keys
     raw["tie_embeddings"] = cfg.tie_embeddings if any(
         v.endswith("lm_head.weight") for v in keys.values()) else True
-    if masked_lm_heads in reshapes:
-        raw["cls_head"] = cfg.cls_head
-    return hf, raw
+    raw["cls_head"] = cfg.cls_head and (classifier or family in PRETRAINING)
+    raw["n_classes"] = cfg.n_classes if raw["cls_head"] else Config.n_classes
+    pooler = SEQUENCE_CLASSIFIERS[family][2] if classifier else None
+    return {**hf, **(pooler(hf) if pooler else {})}, raw
 
 
-def hf_config(cfg: Config):
+def hf_config(cfg: Config, classifier=False):
     """(model_type, config.json fields, the import's Config fields) of the first HF family whose
     round trip (family_config) gives back every effective field of cfg: that family computes
-    exactly what cfg does. If none does, a one-line ValueError names the first field that no
-    family has (or, when each field is in some family, where the nearest one differs)."""
+    exactly what cfg does. A classifier (cfg's cls_head, as a *ForSequenceClassification) is
+    matched among the families that have one, on every field but those only its LM head reads
+    (LM_HEAD_ONLY: that head is not exported). If none does, a one-line ValueError names the first
+    field that no family has (or, when each field is in some family, where the nearest one
+    differs)."""
+    families = SEQUENCE_CLASSIFIERS if classifier else EXPORTS
     want, misses = effective(cfg), {}
-    for family in EXPORTS:
+    if classifier:
+        want = {k: v for k, v in want.items() if k not in LM_HEAD_ONLY}
+    for family in families:
         try:
-            hf, raw = family_config(family, cfg)
+            hf, raw = family_config(family, cfg, classifier)
             got = effective(Config.from_dict(raw))
         except (KeyError, ValueError, TypeError):  # the family cannot take these values at all
             misses[family] = list(want)
@@ -918,12 +971,13 @@ def hf_config(cfg: Config):
         misses[family] = [k for k in want if not same(want[k], got.get(k))]
         if not misses[family]:
             return family, hf, raw
+    what = "a sequence classifier of this config" if classifier else "this config"
     field = next((k for k in want if all(k in m for m in misses.values())), None)
     if field is not None:
-        raise ValueError(f"no HF family expresses this config: none of {', '.join(EXPORTS)} has "
+        raise ValueError(f"no HF family expresses {what}: none of {', '.join(families)} has "
                          f"{field}={want[field]!r}; keep it as an anyformer checkpoint")
     near = min(misses, key=lambda f: len(misses[f]))
-    raise ValueError(f"no HF family expresses this config: each field is in some family, but "
+    raise ValueError(f"no HF family expresses {what}: each field is in some family, but "
                      f"the nearest, {near}, differs in {', '.join(misses[near])}; keep it as an "
                      f"anyformer checkpoint")
 
@@ -958,8 +1012,7 @@ def unflatten_logits_bias(sd, cfg):  # flatten_logits_bias inverted: BART's (1, 
 
 UNDO = {transpose_conv1d: transpose_conv1d, split_qkv: merge_qkv,  # each reshape's inverse
         stack_experts: unstack_experts, merge_deltanet_in_proj: split_deltanet_in_proj,
-        flatten_logits_bias: unflatten_logits_bias,
-        masked_lm_heads: lambda sd, cfg: None}  # config only: the heads are there or not
+        flatten_logits_bias: unflatten_logits_bias}
 
 
 def invert(keys):
@@ -994,15 +1047,19 @@ def hf_name(name, table):
     return None
 
 
-def hf_weights(model, family, raw) -> dict:
+def hf_weights(model, family, raw, classifier=False) -> dict:
     """The model's weights under the family's HF names, each tensor once (a tied head and an
-    encoder-decoder's second embedding name are left to HF's tying, as save_pretrained does)."""
+    encoder-decoder's second embedding name are left to HF's tying, as save_pretrained does); a
+    classifier's under its *ForSequenceClassification's names, without the LM head."""
     params = dict(model.named_parameters())          # a shared parameter once, its first name
     every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    sd = {n: t.detach() for n, t in model.state_dict().items() if n in params or n not in every}
+    sd = {n: t.detach() for n, t in model.state_dict().items() if (n in params or n not in every)
+          and not (classifier and n.startswith(LM_HEAD_WEIGHTS))}
     for reshape in reversed(FAMILIES[family][2]):
         UNDO[reshape](sd, raw)
     keys = EXPORT_KEYS[family](model.config) if family in EXPORT_KEYS else FAMILIES[family][1]
+    if classifier:  # its names first: the export writes the first HF name of each of ours
+        keys = {**SEQUENCE_CLASSIFIERS[family][1], **keys}
     table, out = invert(keys), {}
     for name, t in sd.items():
         hf = hf_name(name, table)
@@ -1029,15 +1086,28 @@ def check_target(hf_dir: Path):
                          f"an empty or new directory")
 
 
-def save_pretrained(model, hf_dir, tokenizer=None, token_ids=None):
+def save_pretrained(model, hf_dir, tokenizer=None, token_ids=None, classes=None):
     """Write model as a HF-format directory that transformers' Auto classes load (CausalLM,
-    MaskedLM or PreTraining, Seq2SeqLM): config.json, model.safetensors and, for a tokenizer made
-    from a HF tokenizer.json (data/tokenizers.py), that tokenizer.json. The family is the first
-    that computes exactly what model.config does (hf_config); a config none expresses is a
-    one-line ValueError naming the field. token_ids: config.json's bos/eos/pad ids (e.g. those
-    of the directory the model came from). Each file is written atomically."""
+    MaskedLM or PreTraining, Seq2SeqLM, SequenceClassification): config.json, model.safetensors
+    and, for a tokenizer made from a HF tokenizer.json (data/tokenizers.py), that tokenizer.json.
+    The family is the first that computes exactly what model.config does (hf_config); a config
+    none expresses is a one-line ValueError naming the field. token_ids: config.json's bos/eos/pad
+    ids (e.g. those of the directory the model came from). A model with a classifier (cls_head) is
+    written as the family's *ForSequenceClassification, its labels `classes` (id2label; default
+    LABEL_i), unless it is an encoder's 2-way head given no classes: that is NSP or SOP
+    (*ForPreTraining). A decoder classifier needs token_ids' pad_token_id: HF classifies at the
+    last token that is not that id. Each file is written atomically."""
     from safetensors.torch import save_file  # lazy, as in the import
-    family, hf, raw = hf_config(model.config)
+    cfg = model.config
+    classifier = cfg.cls_head and (classes is not None or cfg.n_classes != 2
+                                   or cfg.architecture != "encoder_only")
+    if classes is not None and not cfg.cls_head:
+        raise ValueError("classes label a classifier, which this model lacks (cls_head is false); "
+                         "pass classes=None")
+    if classes is not None and not len(set(classes)) == len(classes) == cfg.n_classes:
+        raise ValueError(f"classes={list(classes)!r} must be {cfg.n_classes} distinct labels, one "
+                         f"per output of the model's classifier")
+    family, hf, raw = hf_config(cfg, classifier)
     tok_json = None
     if tokenizer is not None:
         meta = getattr(tokenizer, "meta", None) or {}
@@ -1045,16 +1115,25 @@ def save_pretrained(model, hf_dir, tokenizer=None, token_ids=None):
             raise ValueError(f"tokenizer of kind {meta.get('kind')!r} was not made from a HF "
                              f"tokenizer.json, so there is none to write; pass tokenizer=None")
         tok_json = meta["json"]
+    unknown = dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id"))  # not HF's defaults
+    config = {**unknown, **(token_ids or {}), **hf, "model_type": family}
+    if classifier:
+        labels = list(classes) if classes is not None else [f"LABEL_{i}" for i in
+                                                            range(cfg.n_classes)]
+        config.update(architectures=[SEQUENCE_CLASSIFIERS[family][0]], num_labels=len(labels),
+                      id2label={str(i): c for i, c in enumerate(labels)},
+                      label2id={c: i for i, c in enumerate(labels)},
+                      problem_type="single_label_classification")
+        if cfg.architecture == "decoder_only" and config["pad_token_id"] is None:
+            raise ValueError("a decoder classifier's config.json needs a pad_token_id (HF reads "
+                             "the last token that is not padding): pass token_ids={"
+                             "'pad_token_id': an id no text ends with}")
+    else:
+        config["architectures"] = [PRETRAINING[family] if cfg.cls_head else EXPORTS[family][1]]
     hf_dir = Path(hf_dir)
     check_target(hf_dir)
-    weights = hf_weights(model, family, raw)
-    dtype = next(iter(weights.values())).dtype
-    head = EXPORTS[family][1]
-    unknown = dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id"))  # not HF's defaults
-    config = {**unknown, **(token_ids or {}), **hf, "model_type": family,
-              "architectures": [head.replace("ForMaskedLM", "ForPreTraining")
-                                if model.config.cls_head else head],
-              "dtype": str(dtype).removeprefix("torch.")}
+    weights = hf_weights(model, family, raw, classifier)
+    config["dtype"] = str(next(iter(weights.values())).dtype).removeprefix("torch.")
     hf_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(hf_dir / "model.safetensors",
                      lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
@@ -1063,3 +1142,14 @@ def save_pretrained(model, hf_dir, tokenizer=None, token_ids=None):
     if tok_json is not None:
         write_atomically(hf_dir / "tokenizer.json", lambda tmp: tmp.write_text(tok_json))
     return hf_dir
+
+
+def class_names(hf_dir):
+    """The labels of a *ForSequenceClassification directory's classifier (config.json's id2label,
+    in index order; the model holds only their number), or None for any other directory."""
+    hf = read_json(Path(hf_dir) / "config.json")
+    if not str((hf.get("architectures") or [""])[0]).endswith("ForSequenceClassification"):
+        return None
+    id2label = hf.get("id2label") or {}
+    n = len(id2label) or hf.get("num_labels", 2)
+    return [str(id2label.get(str(i), f"LABEL_{i}")) for i in range(n)]

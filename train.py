@@ -21,13 +21,17 @@ field types and ranges before anything is written. Without a YAML file (and with
 --init_from) the model is configs/tiny.yaml. The objective follows the architecture
 (data/objectives.py): lm for a decoder, mlm for an encoder, span corruption for an encoder-decoder;
 on a .tsv file an encoder classifies text<TAB>label lines and an encoder-decoder learns seq2seq on
-source<TAB>target lines (--objective=classify also fine-tunes a decoder's classifier).
+source<TAB>target lines (--objective=classify also fine-tunes a decoder's classifier; a decoder
+that has one classifies a .tsv file by default). The objectives frame examples with a HF
+tokenizer.json's own special tokens ([CLS], [MASK], </s>, <extra_id_0>, ...) where it has them all,
+else with ours appended after the tokenizer's ids.
 --init_from starts from the weights, config and tokenizer of a checkpoint or a HF-format directory
 (model keys may then only change what keeps the weights' shapes: dropout, grad_checkpoint, a
 smaller block_size, ...); --resume continues such a run as any other.
 Writes to out_dir: ckpt.pt (last; resumable), ckpt_best.pt (weights of the best val loss),
 metrics.jsonl, data/ (the tokenised corpus) and, with --export, model_fp16.pt / model_bf16.pt or
-hf/ (config.json, model.safetensors, tokenizer.json: what transformers' Auto classes load).
+hf/ (config.json, model.safetensors, tokenizer.json: what transformers' Auto classes load; a
+classifier as the family's *ForSequenceClassification, its classes as id2label).
 --eval_only writes nothing at all.
 Nothing is lost: a fresh run refuses an out_dir that holds another run's checkpoints (pass --resume,
 another --out_dir, or --overwrite=true), and a run replaces checkpoints already there only after its
@@ -64,8 +68,10 @@ from data.objectives import (
     lm_batch,
     load_labeled,
     load_pairs,
+    needs,
     show,
-    special_ids,
+    special_tokens,
+    spelled,
 )
 from data.prepare import (
     CORPORA,
@@ -76,7 +82,7 @@ from data.prepare import (
     load_tokens,
     prepare,
 )
-from hf import check_target, from_pretrained, hf_config, read_json, save_pretrained
+from hf import check_target, class_names, from_pretrained, hf_config, read_json, save_pretrained
 from model import (
     FOREIGN_KEYS,
     Config,
@@ -434,7 +440,8 @@ class Init(NamedTuple):
     tokenizer: str | None             # the --tokenizer that rebuilds its tokenizer; None: none does
     tokenizer_meta: dict | None       # that tokenizer as the data must give it back (char, bpe)
     token_ids: dict                   # a HF directory's bos/eos/pad ids, for --export=hf
-    classes: list | None = None       # a classify checkpoint's labels
+    classes: list | None = None       # a classifier's labels (a checkpoint's, id2label's)
+    specials: str | None = None       # our checkpoint's special tokens: own | appended
 
 
 # a checkpoint's tokenizer -> the --tokenizer name that makes it again; char and bpe are fitted to
@@ -458,12 +465,14 @@ def load_init(path) -> Init:
         source = {**source, **source.get("text_config", {})}  # multimodal: the text model's ids
         tok = f"hf:{path}" if (path / "tokenizer.json").is_file() else None
         return Init(dataclasses.asdict(model.config), model.state_dict(), tok, None,
-                    {k: source[k] for k in HF_TOKEN_IDS if source.get(k) is not None})
+                    {k: source[k] for k in HF_TOKEN_IDS if source.get(k) is not None},
+                    class_names(path) if model.config.cls_head else None)
     ckpt = load_checkpoint(path)
     meta = ckpt.get("tokenizer")
     name = TOKENIZER_NAMES[meta["kind"]](meta) if meta and meta["kind"] in TOKENIZER_NAMES else None
+    # (written before "specials" existed: ours were appended)
     return Init(ckpt["config"], ckpt["model"], name, meta, ckpt.get("hf_token_ids") or {},
-                ckpt.get("classes"))
+                ckpt.get("classes"), ckpt.get("specials", "appended"))
 
 
 def shapes(raw: dict) -> dict:
@@ -494,15 +503,20 @@ def check_overrides(init: Init, model_keys: dict, source):
                              f"fine-tune those weights, or train a new model without init_from")
 
 
-def check_vocab(vocab_size, arch: Config, tok, objective, source):
-    """init_from: the weights fix the vocabulary, so the tokenizer's ids (and the objective's
-    special tokens after them) must fit it."""
+def check_vocab(vocab_size, arch: Config, tok, sp, objective, source):
+    """init_from: the weights fix the vocabulary, so the tokenizer's ids (and the special tokens of
+    ours appended after them, when the tokenizer lacks its own: special_tokens) must fit it."""
     if vocab_size > arch.vocab_size:
         extra = vocab_size - tok.vocab_size
-        specials = f" + {extra} special tokens of objective {objective}" if extra else ""
-        raise ValueError(f"the tokenizer's {tok.vocab_size} ids{specials} do not fit the "
-                         f"{arch.vocab_size} embeddings of init_from={source}; pass a --tokenizer "
-                         f"with at most {arch.vocab_size - extra} ids (byte has 256)")
+        ours = f" + {extra} special tokens of objective {objective}" if extra else ""
+        why = ""
+        fix = f"pass a --tokenizer with at most {arch.vocab_size - extra} ids (byte has 256)"
+        if extra and sp.missing and tok.specials:  # a tokenizer with special tokens, not these
+            why = f": it has no {spelled(sp.missing)} token of its own, which {objective} needs, " \
+                  f"so ours are appended after its ids"
+            fix = f"use another objective, or {fix}"
+        raise ValueError(f"the tokenizer's {tok.vocab_size} ids{ours} do not fit the "
+                         f"{arch.vocab_size} embeddings of init_from={source}{why}; {fix}")
 
 
 class Env(NamedTuple):
@@ -956,7 +970,7 @@ def cannot_sample(model, objective):
     return None
 
 
-def sample_text(model, tok, splits, objective, tc: TrainConfig, env: Env, max_tokens=None):
+def sample_text(model, tok, sp, splits, objective, tc: TrainConfig, env: Env, max_tokens=None):
     """Free text from a language model (tc.sample_prompt, then sample_tokens, or max_tokens); for
     the other objectives one val example and the model's answer (data/objectives.show), at most
     max_tokens of it."""
@@ -981,7 +995,7 @@ def sample_text(model, tok, splits, objective, tc: TrainConfig, env: Env, max_to
     else:
         gen = torch.Generator().manual_seed(tc.seed)  # on the CPU, as the batch makers draw there
         with env.autocast():
-            text = show(model, objective, splits["val"], tok, tok.vocab_size, gen, max_tokens)
+            text = show(model, objective, splits["val"], tok, sp, gen, max_tokens)
     model.train(was_training)
     return text
 
@@ -998,16 +1012,17 @@ def export(path, model, dtype, meta, tc: TrainConfig, env: Env):
         print(f"wrote {path} ({tc.export} weights)")
 
 
-def export_hf(path, model, tok, token_ids, tc: TrainConfig, env: Env):
+def export_hf(path, model, tok, token_ids, classes, tc: TrainConfig, env: Env):
     """out_dir/hf: a HF-format directory (hf.save_pretrained), with the tokenizer.json the
-    tokenizer came from; every rank takes part (FSDP gathers its shards)."""
+    tokenizer came from; a classifier's (classes: its labels) as the family's
+    *ForSequenceClassification. Every rank takes part (FSDP gathers its shards)."""
     state, _ = full_state(model, [], tc)
     if env.master:
         if tc.fsdp:  # whole tensors in a plain module: save_pretrained reads its parameters
             model = Transformer(model.config)
             model.load_state_dict(state.state_dict())
         hf_tok = tok if tok.meta["kind"] == "hf" else None
-        save_pretrained(model, path, hf_tok, token_ids)
+        save_pretrained(model, path, hf_tok, token_ids, classes)
         family = json.loads((path / "config.json").read_text())["model_type"]
         print(f"wrote {path} (HF {family}: config.json, model.safetensors"
               + (", tokenizer.json)" if hf_tok else ")"))
@@ -1083,10 +1098,13 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
                          f"--tokenizer whose ids fit vocab_size={arch.vocab_size}")
 
     # ------------------------------------------------------------------------------------------
-    # 4. Model: the tokenizer's ids, then the objective's special tokens (data/objectives.py); the
-    #    decoder starts from our [PAD], not the YAML's HF tokenizer id
-    need = {"vocab_size": tok.vocab_size,
-            **config_overrides(objective, tok.vocab_size, arch.architecture)}
+    # 4. Model: the tokenizer's ids, and the objective's special tokens (data/objectives.py): the
+    #    tokenizer's own where it has them all (the decoder then starts as its family's does), else
+    #    ours appended after its ids (the decoder starts from our [PAD], not the YAML's id); a
+    #    resumed or re-initialised checkpoint of ours keeps what it was trained with
+    choice = ckpt.get("specials", "appended") if ckpt else init.specials if init else None
+    sp = special_tokens(tok, objective, arch.architecture, choice)
+    need = {"vocab_size": tok.vocab_size, **config_overrides(objective, sp, arch.architecture)}
     need["vocab_size"] = model_keys.get("vocab_size", need["vocab_size"])
     classes = splits["train"].classes if objective == "classify" else None
     if classes is not None:  # the classifier's width is the train split's label count
@@ -1097,7 +1115,7 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
     # init_from + classify: a new classifier on the pretrained weights, unless they hold this one
     fresh_head = init is not None and classes is not None and init.classes != classes
     if init is not None:  # the weights fix the vocabulary; the objective's other keys keep shapes
-        check_vocab(need.pop("vocab_size"), arch, tok, objective, tc.init_from)
+        check_vocab(need.pop("vocab_size"), arch, tok, sp, objective, tc.init_from)
         need = {k: v for k, v in need.items() if k not in ("cls_head", "n_classes")}
         cfg = dataclasses.replace(arch, **{k: v for k, v in need.items() if k not in model_keys})
     else:
@@ -1110,19 +1128,20 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
     if fresh_head:
         model = raw_model = with_classes(model, len(classes))
         cfg = model.config
-    check_objective(objective, cfg, tok.vocab_size, pair_task)
+    check_objective(objective, cfg, sp, pair_task)
     if env.master:
         task = objective + (f" + {pair_task}" if pair_task != "none" else "") + \
             (f" of {len(classes)} classes" if classes else "") + (" + SiFT" if tc.sift else "")
         unit = {"seq2seq": "pairs", "classify": "texts"}.get(objective, "tokens")
         start = f"; from {tc.init_from}" if init is not None else ""
+        ours = f" + {sp.n_ids - sp.vocab} special tokens" if sp.appended else ""
         print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, {cfg.architecture}, objective "
               f"{task}{start}; {tok.meta.get('name', tok.meta['kind'])} tokenizer, vocab "
-              f"{tok.vocab_size}; {len(splits['train']):,} train / {len(splits['val']):,} val "
-              f"{unit}; {env.device} {env.dtype}, world {env.world}")
+              f"{tok.vocab_size}{ours}; {len(splits['train']):,} train / {len(splits['val']):,} "
+              f"val {unit}; {env.device} {env.dtype}, world {env.world}")
     T, K = cfg.block_size, tc.segments
     make = (lambda d, rows, gen: lm_batch(d, rows, gen, K * T)) if K > 1 else \
-        (lambda d, rows, gen: OBJECTIVES[objective](d, rows, gen, cfg, tok.vocab_size, pair_task))
+        (lambda d, rows, gen: OBJECTIVES[objective](d, rows, gen, cfg, sp, pair_task))
     batches = lambda split, gen, n: get_batch(splits[split], gen, n, make, tc, env, raw_model)
     bits = tok.meta["kind"] == "byte" and objective == "lm"  # a loss per byte: also bits per byte
     ppl = pair_task == "none" and objective != "classify"  # a mean loss per token
@@ -1135,7 +1154,7 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
     # the end-of-run sample, rehearsed with one token: what it would refuse is refused now
     no_sample = cannot_sample(raw_model, objective)
     if no_sample is None:
-        sample_text(raw_model, tok, splits, objective, tc, env, max_tokens=1)
+        sample_text(raw_model, tok, sp, splits, objective, tc, env, max_tokens=1)
     if tc.fsdp:
         shard(raw_model)
 
@@ -1165,6 +1184,8 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
     # ------------------------------------------------------------------------------------------
     # 7. Training loop
     meta = {"tokenizer": tok.meta, "objective": objective, "pair_task": pair_task,
+            **({"specials": "appended" if sp.appended else "own"}   # objectives that use them
+               if needs(objective, cfg.architecture) else {}),
             **({"classes": classes} if classes else {})}
     # a HF directory's bos/eos/pad ids, kept for --export=hf (resumed and re-initialised runs too)
     token_ids = init.token_ids if init is not None else ckpt.get("hf_token_ids", {}) if ckpt \
@@ -1243,17 +1264,19 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
 
     # ------------------------------------------------------------------------------------------
     # 8. Export, then sample (every rank: FSDP shards need all of them; rank 0 prints)
-    if tc.export == "hf":  # our special tokens' ids where an objective other than lm added them
-        sp = special_ids(tok.vocab_size)
-        ids = token_ids if objective == "lm" else {"pad_token_id": sp["[PAD]"],
-                                                   "eos_token_id": sp["[EOS]"]}
-        export_hf(out_dir / "hf", raw_model, tok, ids, tc, env)
+    if tc.export == "hf":  # the special tokens' ids an objective other than lm framed with
+        ids = dict(token_ids)
+        if objective != "lm":
+            ids.update(pad_token_id=sp.pad, **{f"{k}_token_id": sp.ids[name] for k, name in
+                                               (("eos", "[EOS]"), ("bos", "[BOS]"))
+                                               if name in sp.ids})
+        export_hf(out_dir / "hf", raw_model, tok, ids, classes, tc, env)
     elif tc.export != "none":
         export(out_dir / f"model_{tc.export}.pt", raw_model, DTYPES[tc.export], meta, tc, env)
     # an encoder-decoder's generate() encodes outside forward(), where FSDP would not gather
     if tc.fsdp and cfg.architecture == "encoder_decoder":
         raw_model.unshard()
-    sample = None if no_sample else sample_text(raw_model, tok, splits, objective, tc, env)
+    sample = None if no_sample else sample_text(raw_model, tok, sp, splits, objective, tc, env)
     if env.master:
         print(f"val loss {val_loss:.4f}; " + (f"no sample: {no_sample}" if no_sample
                                               else f"sample:\n{sample}\n"))

@@ -1,8 +1,10 @@
 """Tokenizers: text <-> token ids, shared by data/prepare.py, train.py and generate.py.
 
 Each has encode(text) -> list[int] (the text alone, no special tokens), decode(ids) -> str,
-vocab_size, and meta: a dict of str/int/list values that get_tokenizer(meta) rebuilds it from, so
-meta.json and checkpoints carry it and load with torch.load(weights_only=True).
+vocab_size, specials (its special tokens, name -> id: a HF tokenizer.json's, tiktoken's
+<|endoftext|>; the objectives use those they find) and meta: a dict of str/int/list values that
+get_tokenizer(meta) rebuilds it from, so meta.json and checkpoints carry it and load with
+torch.load(weights_only=True).
 
   char        one token per character of the training text (nanoGPT's shakespeare_char)
   byte        the UTF-8 bytes: 256 tokens, any text encodes
@@ -38,6 +40,8 @@ GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?
 class CharTokenizer:
     """One token per character of the training text (nanoGPT's shakespeare_char)."""
 
+    specials = {}
+
     def __init__(self, chars: str):
         self.chars = chars
         self.stoi = {c: i for i, c in enumerate(chars)}
@@ -62,7 +66,7 @@ class ByteTokenizer:
     """The UTF-8 bytes of the text: 256 tokens, any text encodes (data/prepare.py also feeds it
     files that are not text at all, as their bytes)."""
 
-    vocab_size = 256
+    vocab_size, specials = 256, {}
     meta = {"kind": "byte"}
 
     def encode(self, text):
@@ -78,6 +82,7 @@ class TiktokenTokenizer:
     def __init__(self, enc, meta):
         self.enc, self.meta = enc, meta
         self.vocab_size = enc.n_vocab
+        self.specials = {t: enc.encode_single_token(t) for t in enc.special_tokens_set}
 
     def encode(self, text):  # ordinary: "<|endoftext|>" in a text file is just text
         return self.enc.encode_ordinary(text)
@@ -850,7 +855,8 @@ class HFTokenizer:
                                             self.normalize)
         self.tokens = {i: t for t, i in self.model.vocab.items()}           # id -> token
         self.tokens.update({t["id"]: t["content"] for t in added})
-        self.special = {t["id"] for t in added if t.get("special")}  # left out of decoded text
+        self.specials = {t["content"]: t["id"] for t in added if t.get("special")}
+        self.special = set(self.specials.values())  # left out of decoded text
         self.vocab_size = max(self.tokens) + 1
         self.mask_id = next((t["id"] for t in added if t["content"] in ("[MASK]", "<mask>")), None)
 
@@ -946,25 +952,28 @@ def get_tokenizer(meta: dict):
 
 
 class ObjectiveTokenizer:
-    """A checkpoint's tokenizer plus the special tokens objective mlm, span or seq2seq appended
-    after its vocabulary (data/objectives.py): their names in text ("[MASK]", "<extra_id_0>")
-    encode to them and decode back to the names. A text is framed as training framed it."""
+    """A checkpoint's tokenizer plus the special tokens `sp` its objective (mlm, span, seq2seq,
+    classify) was trained with (data/objectives.py: the tokenizer's own, or ours appended after its
+    vocabulary): their names in text ("[MASK]", "<extra_id_0>"; a HF tokenizer's own as it spells
+    them: "<mask>") encode to them and decode back to the names. A text is framed as training
+    framed it."""
 
-    def __init__(self, tok, objective):
+    def __init__(self, tok, objective, sp):
         from data import objectives  # lazy: objectives imports data/prepare.py, which imports us
-        self.obj, self.tok, self.base, self.objective = objectives, tok, tok.vocab_size, objective
-        sp = objectives.special_ids(self.base)
-        self.mask_id, self.eos = sp["[MASK]"], sp["[EOS]"]
-        self.framing = {sp["[CLS]"], sp["[SEP]"]} if objective == "mlm" else set()  # not shown
+        self.obj, self.tok, self.objective, self.sp = objectives, tok, objective, sp
+        self.base = tok.vocab_size
+        self.mask_id, self.eos = sp.ids.get("[MASK]"), sp.ids.get("[EOS]")
+        self.framing = {sp.ids["[CLS]"], sp.ids["[SEP]"]} if objective == "mlm" else set()
 
     def encode(self, text):
         if self.objective == "mlm":  # [CLS] text [SEP], a row of mlm_batch (token types 0)
-            return self.obj.fill_mask_ids(self.tok, text, self.base)
-        # source [EOS], as span and seq2seq batches end it
-        return self.obj.encode(self.tok, text, self.base) + [self.eos]
+            return self.obj.fill_mask_ids(self.tok, text, self.sp)
+        # a source as span (text [EOS]) and seq2seq (the tokenizer's BOS, text, [EOS]) frame it
+        bos = self.sp.bos if self.objective == "seq2seq" else []
+        return bos + self.obj.encode(self.tok, text, self.sp) + [self.eos]
 
     def decode(self, ids):
-        return self.obj.decode(self.tok, [i for i in ids if i not in self.framing], self.base)
+        return self.obj.decode(self.tok, [i for i in ids if i not in self.framing], self.sp)
 
     def piece(self, i):
-        return self.obj.decode(self.tok, [i], self.base)
+        return self.obj.decode(self.tok, [i], self.sp)

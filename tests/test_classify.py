@@ -4,8 +4,9 @@ objective=classify: the text<TAB>label loader and its framing (data/objectives.p
 on an encoder's pooled [CLS] and on a decoder's last real token, equal to HF's
 BertForSequenceClassification and GPT2ForSequenceClassification given the same weights; train.py
 runs that reach high val accuracy on a synthetic task whose label is carried by one word of the
-text (an encoder, a decoder, an encoder with SiFT); fine-tuning from a HF BERT directory through the
-Python API; generate.py --classify; one-line errors.
+text (an encoder, a decoder, an encoder with SiFT); train.py fine-tuning from a HF BERT and a HF
+GPT-2 directory with their own tokenizer.json, exported (--export=hf) as *ForSequenceClassification
+with equal logits and loaded back; generate.py --classify; one-line errors.
 SiFT (train.py): the perturbation and the loss term against a DeBERTa-style reference written here.
 Memory (model.py): the fused LM head + cross-entropy gives the loss and gradients of full logits
 into F.cross_entropy; with grad_checkpoint a step's peak of live tensor bytes is at most a third
@@ -31,14 +32,15 @@ import generate
 import model as model_py
 import train
 from data.objectives import (
-    OBJECTIVES,
+    checkpoint_specials,
     class_probs,
     classify_inputs,
     config_overrides,
     load_labeled,
     special_ids,
+    special_tokens,
 )
-from data.tokenizers import make_tokenizer
+from data.tokenizers import get_tokenizer, make_tokenizer
 from model import Config, Transformer, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,10 +106,12 @@ def test_load_labeled_splits_sorts_classes_and_frames(tmp_path):
     assert x["input_ids"].tolist() == [[sp["[CLS]"], 1, 2, sp["[SEP]"]],
                                        [sp["[CLS]"], 4, sp["[SEP]"], sp["[PAD]"]]]
     assert x["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
-    x = classify_inputs([[1, 2, 3, 4, 5], [4]], Config(vocab_size=10, block_size=4), 10)
+    decoder = special_tokens(tok, "classify", "decoder_only")     # a decoder needs no specials
+    assert not decoder.appended and decoder.pad == 0               # (any pad: masked out)
+    x = classify_inputs([[1, 2, 3, 4, 5], [4]], Config(vocab_size=10, block_size=4), decoder)
     assert x["input_ids"].tolist() == [[1, 2, 3, 4], [4, 0, 0, 0]]   # a decoder: bare text
     assert x["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]
-    assert config_overrides("classify", 10, "decoder_only") == {}
+    assert config_overrides("classify", decoder, "decoder_only") == {}
     assert config_overrides("classify", 10, "encoder_only") == {"vocab_size": 10 + 105}
 
 
@@ -177,31 +181,102 @@ def test_head_equals_hf_sequence_classification(tmp_path, family):
     assert (want[0] - want[1]).abs().max() > 0.1                 # the rows differ
 
 
-def test_fine_tuning_from_a_hf_bert_directory(tmp_path, tsv):
-    """Python API: Transformer.from_pretrained, then a 3-way head (train.with_classes), trained
-    with the classify objective's batches, reaches high val accuracy."""
+def family_tokenizer(family, lines):
+    """A tokenizer.json trained on lines with the family's special tokens: BERT's WordPiece
+    ([PAD] [UNK] [CLS] [SEP] [MASK], "[CLS] $A [SEP]") or GPT-2's byte-level BPE
+    (<|endoftext|>)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+    if family == "bert":
+        tok = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer, tok.pre_tokenizer = normalizers.BertNormalizer(), \
+            pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        tok.train_from_iterator(lines, trainers.WordPieceTrainer(
+            vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+            show_progress=False))
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        return tok
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), \
+        decoders.ByteLevel()
+    tok.train_from_iterator(lines, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
+@pytest.fixture(scope="module", params=["bert", "gpt2"])
+def hf_run(request, tsv, tmp_path_factory):
+    """train.py --init_from a small random HF directory (BertForPreTraining, GPT2LMHeadModel)
+    with a tokenizer.json of its family trained on the TSV's texts, --objective=classify,
+    --export=hf: (family, the HF directory, out_dir, main's result, metrics.jsonl's records)."""
     transformers = pytest.importorskip("transformers")
-    tok = make_tokenizer("bpe", tsv.read_text(), 320)
+    family, hf_dir = request.param, tmp_path_factory.mktemp(f"{request.param}_hf")
+    tok = family_tokenizer(family, [line.split("\t")[0] for line in tsv.read_text().splitlines()])
+    V = tok.get_vocab_size(with_added_tokens=True)
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=config_overrides("classify", 320, "encoder_only")
-                                  ["vocab_size"], hidden_size=64, num_attention_heads=4,
-                                  intermediate_size=128, max_position_embeddings=32,
-                                  num_hidden_layers=2, type_vocab_size=2,
-                                  attn_implementation="eager")
-    transformers.BertForPreTraining(cfg).save_pretrained(tmp_path)
-    model = train.with_classes(Transformer.from_pretrained(tmp_path), 3)
-    train_rows, val_rows = load_labeled(tsv, tok)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(80):
-        loss = model(**OBJECTIVES["classify"](train_rows, 32, gen, model.config, 320, "none")).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    probs = class_probs(model, [t for t, _ in val_rows], 320)
-    accuracy = (probs.argmax(-1) == torch.tensor([c for _, c in val_rows])).float().mean()
-    assert accuracy >= 0.95
+    if family == "bert":
+        hf = transformers.BertForPreTraining(transformers.BertConfig(
+            vocab_size=V, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+            max_position_embeddings=64, num_hidden_layers=2, type_vocab_size=2))
+    else:
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+            eos_token_id=0))                                                # <|endoftext|>
+    hf.save_pretrained(hf_dir)
+    tok.save(str(hf_dir / "tokenizer.json"))
+    out = tmp_path_factory.mktemp(f"{family}_classify")
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = train.main([f"--data={tsv}", f"--out_dir={out}", f"--init_from={hf_dir}",
+                             "--objective=classify", "--block_size=32", "--batch_size=32",
+                             "--warmup_iters=10", "--lr=5e-3", "--max_iters=60",
+                             "--eval_interval=60", "--eval_iters=4", "--export=hf"])
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return family, hf_dir, out, result, metrics
+
+
+def test_classify_from_hf_directory_exports_a_sequence_classifier(hf_run, tsv):
+    """From a HF BERT (GPT-2) directory and its own tokenizer.json: high val accuracy; the text is
+    framed with the tokenizer's own [CLS] and [SEP] (the `tokenizers` library's framing), the
+    vocabulary did not grow; --export=hf loads as BertForSequenceClassification
+    (GPT2ForSequenceClassification) with the classes as id2label, no LM head weight, our logits on
+    right-padded val texts (GPT-2: padded with config.json's pad_token_id, its <|endoftext|>, which
+    HF skips to find each text's last token) and the source's tokenizer.json; and train.py
+    --init_from that export keeps the classifier (its id2label are the data's classes)."""
+    transformers = pytest.importorskip("transformers")
+    family, hf_dir, out, result, metrics = hf_run
+    assert metrics[-1]["iter"] == 60 and metrics[-1]["val_accuracy"] >= 0.95
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    model, tok = result["model"].eval(), get_tokenizer(ckpt["tokenizer"])
+    sp = checkpoint_specials(tok, ckpt)
+    assert not sp.appended and model.config.vocab_size == tok.vocab_size
+    lib = transformers.PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"))
+    texts = [line.split("\t")[0] for line in tsv.read_text().splitlines()[-8:]]
+    batch = classify_inputs([tok.encode(t) for t in texts], model.config, sp)
+    if family == "bert":
+        assert batch["input_ids"][0, :int(batch["attention_mask"][0].sum())].tolist() == \
+            lib(texts[0])["input_ids"]
+    back, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        out / "hf", output_loading_info=True)
+    assert type(back).__name__ == {"bert": "BertForSequenceClassification",
+                                   "gpt2": "GPT2ForSequenceClassification"}[family]
+    assert not any(info.values()), info                  # no missing, unexpected (LM head) weights
+    assert back.config.id2label == {0: "mixed", 1: "neg", 2: "pos"}
+    assert back.config.problem_type == "single_label_classification"
+    assert (batch["input_ids"] == back.config.pad_token_id).any()       # padding was there to skip
+    if family == "gpt2":
+        assert back.config.pad_token_id == lib.convert_tokens_to_ids("<|endoftext|>")
+    with torch.no_grad():
+        want = model(**batch).cls_logits
+        got = back.eval()(**batch).logits
+    assert want.std() > 0.3 and (got - want).abs().max().item() <= 1e-4
+    assert (out / "hf" / "tokenizer.json").read_text() == (hf_dir / "tokenizer.json").read_text()
+    again = train.main([f"--data={tsv}", f"--out_dir={out / 'again'}", "--eval_only",
+                        f"--init_from={out / 'hf'}", "--block_size=32", "--eval_iters=4",
+                        "--batch_size=32"])
+    assert again["val_loss"] == pytest.approx(metrics[-1]["val_loss"], abs=1e-5)  # kept head
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,9 +295,12 @@ def test_classify_run_reaches_high_accuracy(run, tsv):
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["classes"] == ["mixed", "neg", "pos"] and ckpt["objective"] == "classify"
     assert ckpt["config"]["cls_head"] and ckpt["config"]["n_classes"] == 3
-    val_rows = load_labeled(tsv, make_tokenizer("bpe", tsv.read_text(), 320))[1]
+    tok = make_tokenizer("bpe", tsv.read_text(), 320)
+    val_rows = load_labeled(tsv, tok)[1]
     model = result["model"].eval()
-    probs = class_probs(model, [t for t, _ in val_rows], 320)
+    sp = special_tokens(tok, "classify", model.config.architecture)
+    assert sp.appended == (model.config.architecture == "encoder_only")  # bpe: no [CLS] of its own
+    probs = class_probs(model, [t for t, _ in val_rows], sp)
     assert (probs.argmax(-1) == torch.tensor([c for _, c in val_rows])).float().mean() >= 0.95
     shown = result["sample"].splitlines()
     assert len(shown) == 5 and all(" -> " in s and "; label " in s for s in shown)

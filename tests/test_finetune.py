@@ -1,11 +1,17 @@
 """Fine-tuning (issue 12): train.py --init_from, --eval_only and --export=hf, end to end.
 
-Per family, a small random HF model (the import tests' builders, with a vocabulary of 512 and, where
-the family uses a byte-level BPE, a tokenizer.json trained here) is fine-tuned for two steps through
-train.py --init_from on a text file: the first evaluation must equal HF's own loss on the same
-batches (computed here from HF's logits), and the --export=hf directory must load in transformers'
-Auto class with logits equal to the fine-tuned model's. Then: --eval_only writes nothing, init_from
-a checkpoint of ours, resuming a fine-tune, and every refusal as one line.
+Per family, a small random HF model (the import tests' builders) is fine-tuned for two steps
+through train.py --init_from on a text file (BART: a TSV of pairs): the first evaluation must equal
+HF's own loss on the same batches, and the --export=hf directory must load in transformers' Auto
+class with logits equal to the fine-tuned model's. BERT, ALBERT, DeBERTa-v3, T5 and BART carry a
+tokenizer.json with their family's special tokens, built here with `tokenizers` (T5's sentinels
+numbered down from the vocabulary's end, as its file has them), and a vocabulary of exactly its
+size: the objectives must frame with those tokens (HF's own loss, given labels, checks that the
+masks, sentinels, EOS and decoder start agree), the vocabulary must not grow, and the export
+writes the tokenizer.json and their ids back. The decoders use a vocabulary of 512, a byte-level
+BPE tokenizer.json where the family has one, else --tokenizer=byte. Then: --eval_only writes
+nothing, init_from a checkpoint of ours, resuming a fine-tune, generate.py framing text with a
+fine-tuned checkpoint's tokens as the `tokenizers` library does, and every refusal as one line.
 """
 import copy
 import json
@@ -19,13 +25,16 @@ transformers = pytest.importorskip("transformers")
 import test_hf_decoder as dec  # noqa: E402
 import test_hf_encoder as enc  # noqa: E402
 import test_moe as moe  # noqa: E402
+import test_tokenizers as tt  # noqa: E402
 from test_deltanet import qwen3_next  # noqa: E402,F401  (a fixture)
 from test_tokenizers import byte_level, corpus  # noqa: E402
 from test_train import TINY  # noqa: E402
+from tokenizers import AddedToken, normalizers, pre_tokenizers, processors  # noqa: E402
 
+import generate  # noqa: E402
 import train  # noqa: E402
-from data.objectives import OBJECTIVES  # noqa: E402
-from data.prepare import load_tokens  # noqa: E402
+from data.objectives import OBJECTIVES, checkpoint_specials, load_pairs  # noqa: E402
+from data.prepare import VAL_FRACTION, get_tokenizer, load_tokens  # noqa: E402
 from model import load_checkpoint  # noqa: E402
 
 V = 512  # room for test_tokenizers' byte-level BPE (400 ids) + the objectives' 105 special tokens
@@ -44,13 +53,56 @@ FAMILIES = {  # model_type -> (builder module, its case, tokenizer.json: a byte-
     "mixtral": (moe, "mixtral", None),
     "qwen3_moe": (moe, "qwen3_moe", "llama3"),
     "qwen3_next": (None, "qwen3_next", "llama3"),
-    "bert": (enc, "bert", None),
-    "albert": (enc, "albert", None),
-    "deberta-v2": (enc, "deberta", None),
-    "bart": (enc, "bart", "gpt2"),
+    "bert": (enc, "bert", "bert"),           # the family's own special tokens: OWN below
+    "albert": (enc, "albert", "albert"),
+    "deberta-v2": (enc, "deberta", "deberta"),
+    "bart": (enc, "bart", "bart"),
     "marian": (enc, "marian", None),
-    "t5": (enc, "t5_v1_1", None),
+    "t5": (enc, "t5_v1_1", "t5"),
 }
+
+
+def t5_tokenizer():
+    """T5's: <pad> </s> <unk>, "$A </s>", and 100 sentinels added last, <extra_id_99> first: so
+    <extra_id_0> is the vocabulary's last id, as in T5's file."""
+    sentinels = {f"<extra_id_{i}>": {} for i in reversed(range(100))}
+    return tt.unigram(["<pad>", "</s>", "<unk>"], normalizers.NFKC(),
+                      pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                               pre_tokenizers.Metaspace()]),
+                      processors.TemplateProcessing(single="$A </s>",
+                                                    special_tokens=[("</s>", 1)]), **sentinels)
+
+
+def albert_tokenizer():
+    """ALBERT's: <pad> <unk> [CLS] [SEP], [MASK] added (lstrip), "[CLS] $A [SEP]"."""
+    norm = normalizers.Sequence([normalizers.NFKD(), normalizers.StripAccents(),
+                                 normalizers.Lowercase()])
+    pre = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace()])
+    post = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                         special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return tt.unigram(["<pad>", "<unk>", "[CLS]", "[SEP]"], norm, pre, post,
+                      **{"[MASK]": dict(lstrip=True, normalized=False)})
+
+
+def bart_tokenizer():
+    """BART's: a byte-level BPE with <s> <pad> </s> <unk> first, <mask> last, "<s> $A </s>"."""
+    from tokenizers import Tokenizer, decoders, models, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus(), trainers.BpeTrainer(
+        vocab_size=tt.VOCAB_SIZE, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens([AddedToken("<mask>", lstrip=True, normalized=False)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    return tok
+
+
+TOKENIZERS = {"gpt2": lambda: byte_level("gpt2"), "llama3": lambda: byte_level("llama3"),
+              "bert": tt.bert, "albert": albert_tokenizer, "deberta": lambda: tt.deberta_v3(),
+              "t5": t5_tokenizer, "bart": bart_tokenizer}
+OWN = {"bert": "mlm", "albert": "mlm", "deberta-v2": "mlm", "t5": "span", "bart": "seq2seq"}
 
 
 def build_hf(family, built_qwen3_next, vocab_size=V):
@@ -79,17 +131,29 @@ def text(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """source<TAB>target lines: each corpus line's first words, then the next ones."""
+    lines = [" ".join(line.split()) for line in corpus()]
+    path = tmp_path_factory.mktemp("pairs") / "pairs.tsv"
+    path.write_text("".join(f"{line[:40]}\t{line[40:90]}\n" for line in lines if len(line) > 50))
+    return path
+
+
+@pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory, qwen3_next):  # noqa: F811  (the imported fixture)
-    """family -> (HF model, its directory: save_pretrained and, by style, a tokenizer.json)."""
+    """family -> (HF model, its directory: save_pretrained and, by style, a tokenizer.json; the
+    families with their own special tokens get a vocabulary of the tokenizer's size)."""
     tokenizers, done = {}, {}
 
     def get(family):
         if family not in done:
-            hf, style = build_hf(family, qwen3_next), FAMILIES[family][2]
-            path = tmp_path_factory.mktemp(family)
+            style = FAMILIES[family][2]
+            tok = tokenizers.setdefault(style, TOKENIZERS[style]()) if style else None
+            size = tok.get_vocab_size(with_added_tokens=True) if family in OWN else V
+            hf, path = build_hf(family, qwen3_next, size), tmp_path_factory.mktemp(family)
             hf.save_pretrained(path)
-            if style:
-                tokenizers.setdefault(style, byte_level(style)).save(str(path / "tokenizer.json"))
+            if tok:
+                tok.save(str(path / "tokenizer.json"))
             done[family] = hf, path
         return done[family]
     return get
@@ -104,7 +168,7 @@ def run(out, text, *args):
 
 
 @pytest.fixture(scope="module")
-def finetuned(tmp_path_factory, hf_dirs, text):
+def finetuned(tmp_path_factory, hf_dirs, text, pairs):
     """family -> (HF model, train.py's result and metrics, out_dir): two steps from the HF
     directory, exported with --export=hf."""
     done = {}
@@ -114,26 +178,29 @@ def finetuned(tmp_path_factory, hf_dirs, text):
             hf, path = hf_dirs(family)
             out = tmp_path_factory.mktemp(f"{family}_run")
             tok = [] if FAMILIES[family][2] else ["--tokenizer=byte"]
-            done[family] = (hf, *run(out, text, f"--init_from={path}", "--export=hf", *tok), out)
+            data = pairs if OWN.get(family) == "seq2seq" else text
+            done[family] = (hf, *run(out, data, f"--init_from={path}", "--export=hf", *tok), out)
         return done[family]
     return get
 
 
 def eval_batches(out, model, split):
     """The batches train.py's evaluation draws from a split (its batch maker, generator seed and
-    count), from the data it prepared into out_dir."""
-    data_dir = next((Path(out) / "data").glob("*/meta.json")).parent
-    meta = json.loads((data_dir / "meta.json").read_text())
-    data = load_tokens(data_dir / f"{split}.bin", meta["dtype"])
-    objective, pair_task = model_task(out)
-    gen = torch.Generator().manual_seed(SEED + 1)
-    return [OBJECTIVES[objective](data, B, gen, model.config, meta["vocab_size"], pair_task)
-            for _ in range(EVAL_ITERS)]
-
-
-def model_task(out):
+    count, the special tokens its checkpoint was trained with), from the data it prepared into
+    out_dir (seq2seq: the pairs of its TSV file)."""
     ckpt = load_checkpoint(Path(out) / "ckpt.pt")
-    return ckpt["objective"], ckpt["pair_task"]
+    tok = get_tokenizer(ckpt["tokenizer"])
+    if ckpt["objective"] == "seq2seq":
+        lines = load_pairs(ckpt["train_config"]["data"], tok)
+        n_val = int(len(lines) * VAL_FRACTION)
+        data = lines[:-n_val] if split == "train" else lines[-n_val:]
+    else:
+        data_dir = next((Path(out) / "data").glob("*/meta.json")).parent
+        meta = json.loads((data_dir / "meta.json").read_text())
+        data = load_tokens(data_dir / f"{split}.bin", meta["dtype"])
+    sp, gen = checkpoint_specials(tok, ckpt), torch.Generator().manual_seed(SEED + 1)
+    return [OBJECTIVES[ckpt["objective"]](data, B, gen, model.config, sp, ckpt["pair_task"])
+            for _ in range(EVAL_ITERS)]
 
 
 def hf_loss(hf, batch):
@@ -151,6 +218,19 @@ def hf_loss(hf, batch):
         cls = out.get("seq_relationship_logits", out.get("sop_logits"))
         loss = loss + F.cross_entropy(cls.float(), batch["cls_targets"])
     return loss.item()
+
+
+def hf_own_loss(hf, batch):
+    """HF's own loss given labels (-100 where ours has -1): its MLM loss (+ NSP/SOP on the
+    cls_targets), its seq2seq loss with the decoder inputs it shifts from the labels itself."""
+    kw = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+    if getattr(hf.config, "type_vocab_size", 0):
+        kw["token_type_ids"] = batch["token_type_ids"]
+    if "cls_targets" in batch:
+        pair_label = {"bert": "next_sentence_label", "albert": "sentence_order_label"}
+        kw[pair_label[hf.config.model_type]] = batch["cls_targets"]
+    with torch.no_grad():
+        return hf(**kw, labels=batch["targets"].masked_fill(batch["targets"] < 0, -100)).loss.item()
 
 
 def auto_load(path):
@@ -171,8 +251,9 @@ def test_finetune_starts_from_the_hf_model_and_exports_back(finetuned, hf_dirs, 
     model = result["model"].eval()
     first = metrics[0]
     assert first["iter"] == 0
+    loss = hf_own_loss if family in OWN else hf_loss
     for split in ("train", "val"):   # exactly the pretrained model: HF's loss on those batches
-        want = sum(hf_loss(hf, b) for b in eval_batches(out, model, split)) / EVAL_ITERS
+        want = sum(loss(hf, b) for b in eval_batches(out, model, split)) / EVAL_ITERS
         assert abs(first[f"{split}_loss"] - want) <= TOL * max(1.0, want), (split, first, want)
     assert metrics[-1]["iter"] == 2 and metrics[-1]["val_loss"] != first["val_loss"]  # it trained
     config, back = auto_load(out / "hf")
@@ -188,9 +269,45 @@ def test_finetune_starts_from_the_hf_model_and_exports_back(finetuned, hf_dirs, 
     with torch.no_grad():
         got, want = back(**kw), model(**kw)
     logits = got.prediction_logits if "prediction_logits" in got else got.logits
-    keep = kw["attention_mask"].bool() if "attention_mask" in kw else torch.ones(
-        logits.shape[:2], dtype=torch.bool)
+    keep = kw["attention_mask"].bool() if "decoder_input_ids" not in kw and "attention_mask" in kw \
+        else torch.ones(logits.shape[:2], dtype=torch.bool)      # (decoder rows: all computed)
     assert (logits - want.logits)[keep].abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("family", OWN)
+def test_finetune_frames_with_the_tokenizers_own_special_tokens(finetuned, hf_dirs, family):
+    """The objective (mlm, span, seq2seq) used the tokenizer.json's own tokens, by name: the
+    vocabulary did not grow, the batches hold the file's [MASK] / <extra_id_0> / </s> ids, the
+    decoder starts as the family's config says (T5: <pad>, BART: </s>), the export's config.json
+    names the same ids, and generate.py frames a text with them as the `tokenizers` library's
+    post-processor does."""
+    hf, result, _, out = finetuned(family)
+    lib = tt.Tokenizer.from_file(str(hf_dirs(family)[1] / "tokenizer.json"))
+    ids = lib.get_vocab(with_added_tokens=True)
+    model, ckpt = result["model"], load_checkpoint(out / "ckpt.pt")
+    assert ckpt["objective"] == OWN[family] and ckpt["specials"] == "own"
+    assert model.config.vocab_size == hf.config.vocab_size == lib.get_vocab_size(True)
+    assert model.config.decoder_start_token_id == getattr(hf.config, "decoder_start_token_id", 0)
+    config = json.loads((out / "hf" / "config.json").read_text())
+    pad, eos = ids.get("[PAD]", ids.get("<pad>")), ids.get("</s>", hf.config.eos_token_id)
+    assert config["pad_token_id"] == pad and config["eos_token_id"] == eos   # (else the source's)
+    batch = eval_batches(out, model, "val")[0]
+    loaded = generate.load(generate.parse_args(["--checkpoint", str(out / "ckpt.pt")]))
+    if OWN[family] == "mlm":
+        mask = ids.get("[MASK]", ids.get("<mask>"))
+        assert loaded.tok.mask_id == mask and (batch["input_ids"] == mask).any()
+        assert (batch["input_ids"][:, 0] == ids["[CLS]"]).all()
+        text = "the quick [MASK] fox"
+    elif OWN[family] == "span":
+        assert ids["<extra_id_0>"] == len(ids) - 1                  # T5: numbered down, by name
+        assert (batch["targets"][:, 0] == ids["<extra_id_0>"]).all()
+        assert (batch["input_ids"][:, -1] == ids["</s>"]).all()
+        text = "the quick<extra_id_0> fox<extra_id_1>"
+    else:                                                           # BART: <s> ... </s>, both
+        assert (batch["input_ids"][:, 0] == ids["<s>"]).all()
+        assert (batch["targets"][:, 0] == ids["<s>"]).all()
+        text = "the quick brown fox"
+    assert loaded.encode(text) == lib.encode(text).ids
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,6 +439,10 @@ BAD = [  # (arguments, what the message says)
     (["--init_from={bert300}", "--tokenizer=byte"], "the tokenizer's 256 ids + 105 special tokens "
                                                     "of objective mlm do not fit the 300 "
                                                     "embeddings"),
+    (["--init_from={bart}"], "the tokenizer's {bart_v} ids + 105 special tokens of objective span "
+                             "do not fit the {bart_v} embeddings of init_from={bart}: it has no "
+                             "<extra_id_0> token of its own, which span needs, so ours are "
+                             "appended after its ids; use another objective, or pass"),
     (["--eval_only"], "eval_only=True must be false unless there are weights to evaluate"),
     (["--init_from={llama}", "--eval_only", "--export=hf"], "export='hf' must name none with "
                                                             "eval_only=true"),
@@ -333,11 +454,12 @@ BAD = [  # (arguments, what the message says)
 @pytest.mark.parametrize("args, message", BAD)
 def test_bad_input_is_one_line_error(args, message, hf_dirs, small_vocab_bert, text, tmp_path):
     fill = dict(d=tmp_path, llama=hf_dirs("llama")[1], gpt2=hf_dirs("gpt2")[1],
-                mistral=hf_dirs("mistral")[1], bert300=small_vocab_bert)
+                mistral=hf_dirs("mistral")[1], bert300=small_vocab_bert, bart=hf_dirs("bart")[1],
+                bart_v=hf_dirs("bart")[0].config.vocab_size)
     out = tmp_path / "out"
     with pytest.raises(ValueError) as e:
         train.main([f"--data={text}", f"--out_dir={out}", *RUN, *(a.format(**fill) for a in args)])
     msg = str(e.value)
     assert message.format(**fill) in msg and "\n" not in msg, msg
-    if "mlm" not in message:  # (the vocabulary is checked once the data is prepared)
+    if "special tokens" not in message:  # (the vocabulary is checked once the data is prepared)
         assert not out.exists()
