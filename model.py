@@ -1365,7 +1365,6 @@ class MoE(nn.Module):
         self.cfg = cfg
         E, C, Fe = cfg.n_expert, cfg.d_model, cfg.moe_d_ff or cfg.ffn_dim
         self.router = nn.Linear(C, E, bias=False)
-        # routed experts stacked like nn.Linear weights, (E, out, in): expert e is up[e], ...
         param = lambda *shape: nn.Parameter(torch.randn(shape) * cfg.init_std)
         bias = lambda *shape: nn.Parameter(torch.zeros(shape)) if cfg.ffn_biased else None
         glu = cfg.ffn == "glu"
@@ -1512,9 +1511,8 @@ class ModelOutput(NamedTuple):
 
 
 def check_inputs(ids, name="input_ids", **same_shape):
-    """One-line ValueErrors for inputs of the wrong dtype or shape, where they enter the model (no
-    values are read: no device sync). ids must be (B, T) integer token ids, and each tensor of
-    same_shape (targets, token_type_ids, attention_mask) of ids' shape, integer but the mask."""
+    """One-line ValueErrors for inputs of the wrong dtype or shape, where they enter the model;
+    no values are read (no device sync). same_shape: tensors of ids' (B, T) shape."""
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.long, torch.int):
         got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise ValueError(f"{name} must be a tensor of integer token ids (torch.long), got {got}")
