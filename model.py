@@ -23,17 +23,17 @@ Index: every variant is a Config value; this is where each one lives.
   linear attention  GatedDeltaNet, delta_rule_chunked, delta_rule_recurrent, DeltaNetState
   layouts, hybrids  layer_types (layer_pattern, attention_type, hybrid_ratio, ffn_pattern); MIXERS
   encoder-only      BERT, ALBERT, DeBERTa: Transformer (token types wtt, embed_dim, layer_groups
-                    sharing, head_transform, cls_head; emd_steps: Transformer.hidden, Block's kv)
+                    sharing, head_transform, cls_head; emd_steps: Transformer.mask_decoder)
   encoder-decoder   EncoderDecoder, stack_config, CrossAttention, CrossKV
   Universal Tr.     layer_groups 1 + depth_embedding (Transformer.depth_signal) + ACT
   Block-Recurrent   BlockAttention (XL memory, compression), RecurrentAttention, StateGate,
-                    BlockMemory; enhanced_recurrence: Transformer.hidden
+                    BlockMemory; Transformer.enhanced_recurrence
   heads             Transformer.lm_logits (LinearCrossEntropy: the LM head fused with its loss),
                     Transformer.classify (cls_head, n_classes: NSP, SOP, classification)
   stochastic depth  DropPath
   memory            grad_checkpoint (Block.residual: per residual branch), LinearCrossEntropy
   decoding          Transformer.setup_cache, generate (crops past a position table; a list of
-                    prompts: left-padded; decode_step: compiled), sample_loop, sample,
+                    prompts: left_pad; compiled: sampling_step), sample_loop, sample,
                     LOGIT_FILTERS; int8, speculative decoding and beam search: decoding.py
   input checks      LIMITS, Config.check_layout, read_yaml, check_key (FOREIGN_KEYS), check_inputs,
                     check_ids, check_sampling; other projects' schema: from_seed_schema
@@ -94,8 +94,8 @@ class Config:
     rope_low_freq_factor: float = 1.0      # llama3 scaling band edges
     rope_high_freq_factor: float = 4.0
     rope_original_max_len: int = 8192      # context the RoPE was trained at (llama3, dynamic, yarn)
-    rope_beta_fast: float = 32.0      # yarn: channels turning more often than this in that context
-    rope_beta_slow: float = 1.0       # keep their frequency, less often than this are interpolated
+    rope_beta_fast: float = 32.0      # yarn: channels turning this often in it keep their frequency
+    rope_beta_slow: float = 1.0       # yarn: channels turning less often than this are interpolated
     rope_attn_factor: float | None = None  # cos, sin times this; None: yarn 0.1 ln(factor)+1, or 1
     rope_fraction: float = 1.0        # rotate only this fraction of each head (partial RoPE)
     pos_offset: int = 0               # learned position ids start here (BART: 2)
@@ -149,8 +149,7 @@ class Config:
     head_bias: bool = False           # a bias on the output logits (BERT's MLM head)
     cls_head: bool = False            # a sequence classifier: see Transformer.classify
     n_classes: int = 2                # its classes (NSP, SOP: 2; a classify run: the data's labels)
-    emd_steps: int = 0                # DeBERTa's enhanced mask decoder: the MLM head reads the last
-                                      # block run this many times more, queries + absolute positions
+    emd_steps: int = 0                # DeBERTa's enhanced mask decoder: the last block's reruns
     # recurrence in time: Block-Recurrent Transformer (block_width > 0 lays out its layers)
     block_width: int = 0              # tokens per block; attention sees this and the previous block
     recurrent_layers: tuple = ()      # indices of the layers that carry state vectors
@@ -194,6 +193,7 @@ class Config:
                 if getattr(self, key) is not None and not ok(getattr(self, key)):
                     raise ValueError(f"{key}={getattr(self, key)!r} must be {rule}")
         self.check_layout()
+        self.check_stacks()
         POSITIONS[self.position].check(self)
 
     def check_layout(self):
@@ -230,26 +230,34 @@ class Config:
              "enhanced_recurrence, memory_dropout and state_dropout act on block memories and "
              "states: they need block-recurrent layers (block_width > 0)"),
             (self.act and not self.n_layer, "act halts over the n_layer steps: set n_layer >= 1"),
-            (self.emd_steps and (self.architecture != "encoder_only" or self.act or not self.n_layer
+            (self.emd_steps and (self.causal or self.act or not self.n_layer
                                  or layer_types(self)[-1][0] not in ("attn", "local_attn")),
              f"emd_steps={self.emd_steps}: the enhanced mask decoder reruns the last attention "
              f"block of an encoder_only model (n_layer >= 1, no act)"),
             (width and POSITIONS[self.position].score_bias is not Position.score_bias,
              f"position={self.position!r} adds a bias to the attention scores, which "
              f"block-recurrent layers (block_width > 0) do not read; use rope, dynamic_bias, "
-             f"learned, sinusoidal or none"),
-            (self.architecture != "encoder_decoder" and (self.encoder or self.decoder),
-             f"encoder:/decoder: sections configure the stacks of an encoder_decoder; this "
-             f"config is {self.architecture}: move their keys to the top level")]:
+             f"learned, sinusoidal or none")]:
             if broken:
                 raise ValueError(message)
+
+    def check_stacks(self):
+        """An encoder_decoder's encoder:/decoder: sections, validated now, not at first use."""
+        if self.architecture != "encoder_decoder" and (self.encoder or self.decoder):
+            raise ValueError(f"encoder:/decoder: sections configure the stacks of an "
+                             f"encoder_decoder; this config is {self.architecture}: move their "
+                             f"keys to the top level")
         for part in ("encoder", "decoder"):
             for key in getattr(self, part) or {}:
                 check_key(f"{part} section key", key)
-        if self.architecture == "encoder_decoder":  # validate both stacks now, not at first use
+        if self.architecture == "encoder_decoder":
             stack_config(self, "encoder"), stack_config(self, "decoder")
 
     # derived values are properties, never overwritten fields
+    @property
+    def causal(self) -> bool:  # a query sees no later key: every stack but an encoder
+        return self.architecture != "encoder_only"
+
     @property
     def hs(self) -> int:
         return self.head_dim or self.d_model // self.n_head
@@ -267,6 +275,14 @@ class Config:
     @property
     def ffn_biased(self) -> bool:
         return self.bias if self.ffn_bias is None else self.ffn_bias
+
+    @property
+    def dn_nv(self) -> int:  # Gated DeltaNet value heads
+        return self.dn_v_heads or self.dn_heads
+
+    @property
+    def dn_dv(self) -> int:  # Gated DeltaNet value head size
+        return self.dn_v_head_dim or self.dn_head_dim
 
     @property
     def rope_dim(self) -> int:
@@ -630,13 +646,13 @@ class RelativeBias(Position):
 
     def __init__(self, cfg: Config, width: int):
         super().__init__(cfg, width)
-        self.bidirectional = cfg.architecture == "encoder_only"
+        self.bidirectional = not cfg.causal
         self.buckets, self.max_distance = cfg.rel_buckets, cfg.rel_max_distance
         self.bias = nn.Embedding(cfg.rel_buckets, cfg.n_head)
 
     @classmethod
     def check(cls, cfg):
-        exact = cfg.rel_buckets // (4 if cfg.architecture == "encoder_only" else 2)
+        exact = cfg.rel_buckets // (2 if cfg.causal else 4)
         if exact < 1 or cfg.rel_max_distance <= exact:
             raise ValueError(f"relative_bias needs rel_buckets={cfg.rel_buckets} >= 4 (2 in a "
                              f"decoder) and rel_max_distance={cfg.rel_max_distance} above the "
@@ -717,7 +733,7 @@ class ALiBi(Position):
 
     def __init__(self, cfg: Config, width: int):
         super().__init__(cfg, width)
-        self.bidirectional = cfg.architecture == "encoder_only"
+        self.bidirectional = not cfg.causal
         slopes = torch.tensor(alibi_slopes(cfg.n_head))[:, None, None]       # (nh, 1, 1)
         self.register_buffer("slopes", slopes, persistent=False)
 
@@ -755,10 +771,8 @@ class Context(NamedTuple):
     rope: tuple | None = None          # (cos, sin), each (T, rd)
     bias: object = None                # the position scheme's score_bias(pos, kpos)
     position: Position | None = None   # the scheme, which makes each layer's bias (layer_bias)
-    memory: torch.Tensor | None = None  # (B, S, C) keys' source: the encoder output (cross-
-                                        # attention); or other states of this stack (EMD)
-    drops: torch.Tensor | None = None  # (2, B, blocks) training: the rows whose block drops its
-                                       # memories (0) and states (1), in every layer
+    memory: torch.Tensor | None = None  # (B, S, C) keys' source: encoder output, or EMD's states
+    drops: torch.Tensor | None = None  # (2, B, blocks) (memory, states) dropped per row, block
 
 
 class KVCache(nn.Module):
@@ -1091,9 +1105,10 @@ class RecurrentAttention(BlockAttention):
         reads, w = [], self.width
         for b in torch.unique_consecutive(ctx.pos // w).tolist():             # blocks in order
             rows = (ctx.pos // w == b).nonzero().flatten()
-            if ctx.drops is not None and int(ctx.pos[rows[0]]) % w == 0:  # state_dropout: the
-                drop = ctx.drops[1][:, b - int(ctx.pos[0]) // w, None, None]  # row's block reads
-                states = torch.where(drop, self.init_states, states)  # the initial states
+            if ctx.drops is not None and int(ctx.pos[rows[0]]) % w == 0:
+                # state_dropout: a dropped row's block reads the initial states
+                drop = ctx.drops[1][:, b - int(ctx.pos[0]) // w, None, None]
+                states = torch.where(drop, self.init_states, states)
             sk, sv = self.project_kv(self.state_norm(states))                  # (B, nkv, N, hs)
             reads.append(attend(q[:, :, rows], sk, sv, scale=self.scale))
             if int(ctx.pos[rows[-1]]) % w == w - 1:                            # block complete
@@ -1172,8 +1187,7 @@ class DeltaNetState(nn.Module):
 
     def __init__(self, batch_size, cfg: Config, dtype=None, device=None):
         super().__init__()
-        nk, nv = cfg.dn_heads, cfg.dn_v_heads or cfg.dn_heads
-        dk, dv = cfg.dn_head_dim, cfg.dn_v_head_dim or cfg.dn_head_dim
+        nk, nv, dk, dv = cfg.dn_heads, cfg.dn_nv, cfg.dn_head_dim, cfg.dn_dv
         conv = torch.zeros(batch_size, 2 * nk * dk + nv * dv, cfg.dn_conv - 1, dtype=dtype,
                            device=device)
         self.register_buffer("conv", conv, persistent=False)                 # (B, Cqkv, K-1)
@@ -1194,8 +1208,7 @@ class GatedDeltaNet(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.nk, self.nv = cfg.dn_heads, cfg.dn_v_heads or cfg.dn_heads
-        self.dk, self.dv = cfg.dn_head_dim, cfg.dn_v_head_dim or cfg.dn_head_dim
+        self.nk, self.nv, self.dk, self.dv = cfg.dn_heads, cfg.dn_nv, cfg.dn_head_dim, cfg.dn_dv
         self.chunk = cfg.dn_chunk
         qk, vz = self.nk * self.dk, self.nv * self.dv
         self.split = [qk, qk, vz, vz, self.nv, self.nv]
@@ -1303,7 +1316,8 @@ def token_choice(probs, cfg):
 
 def expert_choice(probs, cfg):
     """Each expert picks its top-capacity tokens (Zhou et al. 2022, arXiv:2202.09368). Not causal:
-    whether a token is taken depends on every other token in the call, later ones included."""
+    whether a token is taken depends on every other token in the call, later ones included, which
+    no one-token-at-a-time decoder can reproduce: setup_cache refuses it."""
     N, E = probs.shape
     cap = min(N, max(1, int(cfg.moe_capacity * N * cfg.moe_top_k / E)))
     w, tok = probs.t().topk(cap, dim=-1)                             # (E, cap)
@@ -1342,27 +1356,19 @@ class MoE(nn.Module):
     expert (Qwen3-Next) or n ungated ones (DeepSeekMoE, arXiv:2401.06066), which are run as one FFN
     n times as wide, as HF DeepseekV2 does: the same sum. After each forward, `aux_loss` holds the
     weighted router z-loss and load-balancing loss of that call, and `load` what balance_loss reads.
-
-    Balance: Switch adds one E * sum_e f_e * P_e per MoE layer, and by default ours is their sum.
-    HF's Mixtral/Qwen loss pools every layer's routing into one f and one P before the product,
-    which mixes expert e of one layer with expert e of another; imported models set
-    moe_pool_balance to match it, and Transformer.forward then adds that pooled term instead.
-
-    Expert choice is not causal: an expert takes the top-capacity tokens of the whole call, so a
-    later token can change whether, and how much, an earlier token is routed. Training on whole
-    sequences is consistent with itself, but no one-token-at-a-time decoder can reproduce it, so
-    setup_cache (and with it generate) refuses expert_choice rather than sample another routing."""
+    The balance loss is Switch's per layer, summed; HF's Mixtral/Qwen loss pools every layer's
+    routing into one f and one P (mixing expert e of different layers), which imported models
+    match with moe_pool_balance: Transformer.forward then adds that pooled term instead."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
         E, C, Fe = cfg.n_expert, cfg.d_model, cfg.moe_d_ff or cfg.ffn_dim
         self.router = nn.Linear(C, E, bias=False)
-        # routed experts stacked like nn.Linear weights, (E, out, in): expert e is up[e], ...
         param = lambda *shape: nn.Parameter(torch.randn(shape) * cfg.init_std)
         bias = lambda *shape: nn.Parameter(torch.zeros(shape)) if cfg.ffn_biased else None
-        self.gate, self.gate_bias = (param(E, Fe, C), bias(E, Fe)) if cfg.ffn == "glu" else (None,
-                                                                                           None)
+        glu = cfg.ffn == "glu"
+        self.gate, self.gate_bias = (param(E, Fe, C), bias(E, Fe)) if glu else (None, None)
         self.up, self.up_bias = param(E, Fe, C), bias(E, Fe)
         self.down, self.down_bias = param(E, C, Fe), bias(E, C)
         self.act, self.drop = ACTIVATIONS[cfg.activation], nn.Dropout(cfg.dropout)
@@ -1505,9 +1511,8 @@ class ModelOutput(NamedTuple):
 
 
 def check_inputs(ids, name="input_ids", **same_shape):
-    """One-line ValueErrors for inputs of the wrong dtype or shape, where they enter the model (no
-    values are read: no device sync). ids must be (B, T) integer token ids, and each tensor of
-    same_shape (targets, token_type_ids, attention_mask) of ids' shape, integer but the mask."""
+    """One-line ValueErrors for inputs of the wrong dtype or shape, where they enter the model;
+    no values are read (no device sync). same_shape: tensors of ids' (B, T) shape."""
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.long, torch.int):
         got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise ValueError(f"{name} must be a tensor of integer token ids (torch.long), got {got}")
@@ -1577,8 +1582,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             g = g.to(z.dtype)                                   # autocast: as backward would
             if need[0]:
                 acc[0][rows] = g @ weight
-            if need[1] and g.dtype == torch.float32:  # in place: a (V, E) temporary per block
-                acc[1].addmm_(g.t(), hi)              # would cost more than the product
+            if need[1] and g.dtype == torch.float32:
+                acc[1].addmm_(g.t(), hi)  # in place: a (V, E) temporary costs more than this
             elif need[1]:
                 acc[1] += g.t() @ hi
         ctx.save_for_backward(h, weight, bias)
@@ -1639,10 +1644,9 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         if cfg.cls_head:  # the sequence classifier (see classify)
-            bidirectional = cfg.architecture == "encoder_only"
-            if bidirectional:
+            if not cfg.causal:
                 self.pooler = nn.Linear(cfg.d_model, cfg.d_model)
-            self.cls = nn.Linear(cfg.d_model, cfg.n_classes, bias=bidirectional)
+            self.cls = nn.Linear(cfg.d_model, cfg.n_classes, bias=not cfg.causal)
         if cfg.emd_steps:  # DeBERTa's absolute positions, read only by the enhanced mask decoder
             self.emd_pos = nn.Embedding(cfg.block_size, cfg.d_model)
         if cfg.depth_embedding == "sinusoidal":  # UT's coordinate embedding: position and step
@@ -1711,8 +1715,8 @@ class Transformer(nn.Module):
         cross_attention reads `memory` (B, S, C), padding `memory_mask`.
         """
         cfg = self.config
-        check_inputs(input_ids, targets=targets, token_type_ids=token_type_ids,  # with a cache the
-                     attention_mask=attention_mask if cache is None else None)  # mask may be longer
+        mask = attention_mask if cache is None else None  # with a cache it covers past tokens
+        check_inputs(input_ids, targets=targets, token_type_ids=token_type_ids, attention_mask=mask)
         if cls_targets is not None and not cfg.cls_head:
             raise ValueError("cls_targets train the sequence classifier, which this config lacks; "
                              "set cls_head: true")
@@ -1758,7 +1762,7 @@ class Transformer(nn.Module):
         et al. 2018); a causal decoder reads its last real token (the last 1 of attention_mask),
         the only one that has seen the whole text, with a bias-free matrix (HF's `score` in
         GPT2/LlamaForSequenceClassification)."""
-        if self.config.architecture == "encoder_only":
+        if not self.config.causal:
             return self.cls(torch.tanh(self.pooler(x[:, 0])))
         last = torch.full((len(x),), x.shape[1] - 1, device=x.device)            # (B,)
         if attention_mask is not None:  # right-padded rows: the position of each row's last 1
@@ -1772,18 +1776,10 @@ class Transformer(nn.Module):
         same) as a pair."""
         cfg, (B, T) = self.config, input_ids.shape
         pos = input_pos if input_pos is not None else torch.arange(T, device=input_ids.device)
-        if cfg.enhanced_recurrence:  # ERNIE-Doc (arXiv:2012.15688): memories from the block before
-            starts = ((pos[1:] % cfg.block_width == 0).nonzero().flatten() + 1).tolist()
-            if starts:  # so blocks run in turn, through a cache
-                cache = cache if cache is not None else self.setup_cache(B, 0)
-                cuts = [0, *starts, T]
-                x = torch.cat([self.hidden(input_ids[:, a:b], cache, pos[a:b], None if
-                                           token_type_ids is None else token_type_ids[:, a:b])
-                               for a, b in zip(cuts, cuts[1:])], 1)
+        if cfg.enhanced_recurrence:
+            x = self.enhanced_recurrence(input_ids, cache, pos, token_type_ids)
+            if x is not None:
                 return (x, x) if mask_decoder else x
-            if cache is not None and int(pos[0]) % cfg.block_width == 0:  # a new block: each
-                for low, high in zip(cache, cache[1:]):  # layer's memory is the layer above's
-                    low.store(high.k, high.v, high.pos)
         # a compiled call continues the cache without reading its position back (a host sync
         # would split the graph): compile only the one-token decode step, as generate does
         decoding = cache is not None and (torch.compiler.is_compiling() or int(pos[0]) > 0)
@@ -1794,12 +1790,12 @@ class Transformer(nn.Module):
                     keep.shape[0] != B or keep.shape[1] <= int(pos[-1])):
                 raise ValueError(f"with a cache, attention_mask covers every position so far: "
                                  f"({B}, {int(pos[-1]) + 1}) or longer, got {tuple(keep.shape)}")
-            if cfg.architecture != "encoder_only":  # positions count each row's own tokens, so
-                rows = (keep.cumsum(-1) - 1).clamp(min=0)[:, pos]  # left padding shifts none
+            if cfg.causal:  # each row counts its own tokens: left padding shifts no position
+                rows = (keep.cumsum(-1) - 1).clamp(min=0)[:, pos]
         x = self.embed(input_ids, rows, token_type_ids)                  # (B, T, C)
         ctx = {t: self.context(t, pos, cache, keep, decoding, rows) for t in set(self.mixer_types)}
-        if self.training and (cfg.memory_dropout or cfg.state_dropout):  # one draw per row and
-            blocks = int(pos[-1]) // cfg.block_width - int(pos[0]) // cfg.block_width + 1  # block
+        if self.training and (cfg.memory_dropout or cfg.state_dropout):  # a draw per row, block
+            blocks = int(pos[-1]) // cfg.block_width - int(pos[0]) // cfg.block_width + 1
             p = torch.tensor([cfg.memory_dropout, cfg.state_dropout], device=x.device)
             drops = torch.rand(2, B, blocks, device=x.device) < p[:, None, None]
             ctx = {t: c._replace(drops=drops) for t, c in ctx.items()}
@@ -1821,13 +1817,33 @@ class Transformer(nn.Module):
         x = self.norm_f(out if self.act is not None else x)
         if not mask_decoder:
             return x
-        h = x                       # the states the LM head reads: x, or the mask decoder's
-        if cfg.emd_steps:  # He et al. 2020 sec. 3.2: the last block again over its input, the
-            h = kv + self.emd_pos(pos)              # queries from it + absolute positions
-            for _ in range(cfg.emd_steps):
-                h = self.blocks[self.block_of[-1]](h, ctx[self.mixer_types[-1]], None, cross, kv)
-            h = self.norm_f(h)
-        return x, h
+        h = self.mask_decoder(kv, pos, ctx[self.mixer_types[-1]], cross) if cfg.emd_steps else x
+        return x, h                                # the classifier's states, the LM head's
+
+    def enhanced_recurrence(self, input_ids, cache, pos, token_type_ids):
+        """ERNIE-Doc (arXiv:2012.15688): a layer's memory is the layer above's from the block
+        before, so a call spanning blocks runs them in turn, through a cache, and returns their
+        states (B, T, C). A call within one block returns None, its layers' memories shifted."""
+        w = self.config.block_width
+        starts = ((pos[1:] % w == 0).nonzero().flatten() + 1).tolist()
+        if not starts:
+            if cache is not None and int(pos[0]) % w == 0:
+                for low, high in zip(cache, cache[1:]):
+                    low.store(high.k, high.v, high.pos)
+            return None
+        cache = cache if cache is not None else self.setup_cache(len(input_ids), 0)
+        cuts = [0, *starts, len(pos)]
+        types = lambda a, b: None if token_type_ids is None else token_type_ids[:, a:b]
+        return torch.cat([self.hidden(input_ids[:, a:b], cache, pos[a:b], types(a, b))
+                          for a, b in zip(cuts, cuts[1:])], 1)
+
+    def mask_decoder(self, kv, pos, ctx, cross):
+        """DeBERTa's enhanced mask decoder (He et al. 2020, sec. 3.2): the last block again over
+        its input kv, emd_steps times, the queries from kv + absolute positions. -> (B, T, C)"""
+        h = kv + self.emd_pos(pos)
+        for _ in range(self.config.emd_steps):
+            h = self.blocks[self.block_of[-1]](h, ctx, None, cross, kv)
+        return self.norm_f(h)
 
     def context(self, mixer, pos, cache, keep, decoding, rows=None) -> Context:
         """What the layers of one mixer type read about this call: pos (T,) the positions of the
@@ -1846,7 +1862,7 @@ class Transformer(nn.Module):
         if keep is not None:
             held = keep[:, kpos][:, None, None, :]                               # (B, 1, 1, S)
             pad = held if pad is None else pad & held
-        return Context(pos=pos, kpos=kpos, causal=self.config.architecture != "encoder_only",
+        return Context(pos=pos, kpos=kpos, causal=self.config.causal,
                        decoding=decoding, pad=pad, rope=self.position.rotary(rows, mixer),
                        bias=bias, position=self.position)
 
@@ -1945,17 +1961,7 @@ class Transformer(nn.Module):
                              f"{crop} tokens: ask for at most {crop - T} new tokens")
         cache = self.setup_cache(B, min(n, crop) if crop else n, device=input_ids.device,
                                  static=compile)
-
-        def step(seq, pos):
-            if crop and int(pos[-1]) >= crop:
-                return self(seq[:, -crop:]).logits[:, -1]
-            return self(seq[:, -len(pos):], cache=cache, input_pos=pos,
-                        attention_mask=keep).logits[:, -1]
-        if compile:  # the prefill (several tokens) runs eagerly: see hidden()
-            fast = torch.compile(decode_step, mode="reduce-overhead" if input_ids.is_cuda else None)
-            step = lambda seq, pos, eager=step: (
-                fast(self, seq[:, -1:], pos, cache, keep)
-                if len(pos) == 1 and (crop is None or int(pos[-1]) < crop) else eager(seq, pos))
+        step = self.sampling_step(cache, crop, keep, compile, input_ids.is_cuda)
         seq = sample_loop(step, input_ids, max_new_tokens, temperature, generator,
                           repetition_penalty, stop_tokens, callback, top_k=top_k, top_p=top_p,
                           min_p=min_p)
@@ -1963,6 +1969,25 @@ class Transformer(nn.Module):
             return seq
         return [row[T - len(p):].tolist()[:len(p) + first_stop(row[T:], stop_tokens)]
                 for p, row in zip(prompts, seq)]
+
+    def sampling_step(self, cache, crop, keep, compile, cuda):
+        """step(seq, pos) -> next-token logits (B, V), for sample_loop: the tokens at positions pos
+        through the cache, or past a position table's end (crop) the last crop tokens afresh.
+        compile: the one-token step compiled; the prefill (several tokens) runs eagerly."""
+        def step(seq, pos):
+            if crop and int(pos[-1]) >= crop:
+                return self(seq[:, -crop:]).logits[:, -1]
+            return self(seq[:, -len(pos):], cache=cache, input_pos=pos,
+                        attention_mask=keep).logits[:, -1]
+        if not compile:
+            return step
+        fast = torch.compile(decode_step, mode="reduce-overhead" if cuda else None)
+
+        def compiled(seq, pos):
+            if len(pos) == 1 and (crop is None or int(pos[-1]) < crop):
+                return fast(self, seq[:, -1:], pos, cache, keep)
+            return step(seq, pos)
+        return compiled
 
 
 class EncoderDecoder(Transformer):
@@ -1983,8 +2008,8 @@ class EncoderDecoder(Transformer):
         """Parameter count (the shared embedding and a tied head once); non_embedding drops the
         token table and both stacks' position tables."""
         n = sum(p.numel() for p in self.parameters())
-        tables = sum(s.get_num_params() - s.get_num_params(True) for s in (self.encoder,
-                                                                           self.decoder))
+        stacks = (self.encoder, self.decoder)
+        tables = sum(s.get_num_params() - s.get_num_params(True) for s in stacks)
         return n - (tables - self.encoder.wte.weight.numel() if non_embedding else 0)  # wte twice
 
     def forward(self, input_ids, decoder_input_ids=None, targets=None, attention_mask=None,
