@@ -52,6 +52,7 @@ import time
 import types
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple, get_args
 
@@ -225,23 +226,27 @@ class TrainConfig:
             if not ok:
                 what = "must name" if isinstance(getattr(self, key), str) else "must be"
                 raise ValueError(f"{key}={getattr(self, key)!r} {what} {allowed}")
-        if not DEVICE.fullmatch(self.device):
-            raise ValueError(f"device={self.device!r} is not auto, cpu, cuda, cuda:N or mps "
-                             f"(a GPU is cuda)")
-        kind, _, index = self.device.partition(":")
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if kind == "cuda" and int(index or 0) >= gpus:
-            found = f"only {gpus} CUDA GPU(s)" if gpus else "no CUDA GPU"
-            raise ValueError(f"device={self.device!r} but torch finds {found}; pass --device=cpu "
-                             f"(or auto)")
-        if kind == "mps" and not torch.backends.mps.is_available():
-            raise ValueError(f"device={self.device!r} but torch finds no Apple GPU (MPS); pass "
-                             f"--device=cpu (or auto)")
+        check_device(self.device)
         if self.fsdp and self.optimizer == "muon":
             raise ValueError("optimizer=muon needs whole matrices; use it with DDP, not fsdp=true")
         if self.fsdp and "RANK" not in os.environ:
             raise ValueError("fsdp=true shards over processes: launch with torchrun "
                              "--nproc_per_node=N")
+
+
+def check_device(device):
+    """device names one that torch finds on this machine: a one-line error naming the fix."""
+    if not DEVICE.fullmatch(device):
+        raise ValueError(f"device={device!r} is not auto, cpu, cuda, cuda:N or mps (a GPU is "
+                         f"cuda)")
+    kind, _, index = device.partition(":")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if kind == "cuda" and int(index or 0) >= gpus:
+        found = f"only {gpus} CUDA GPU(s)" if gpus else "no CUDA GPU"
+        raise ValueError(f"device={device!r} but torch finds {found}; pass --device=cpu (or auto)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r} but torch finds no Apple GPU (MPS); pass "
+                         f"--device=cpu (or auto)")
 
 
 def usage():
@@ -270,13 +275,9 @@ def parse_config(argv):
     checkpoint, whose train config is then the base too. A model key that differs from the
     checkpoint's is an error (its weights would not fit), except the RESUMABLE ones.
     """
-    import yaml
     if "-h" in argv or "--help" in argv:
         print(usage())
         raise SystemExit(0)
-    model_fields = {f.name: f.type for f in dataclasses.fields(Config)}
-    train_fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    fields = {**model_fields, **train_fields}
     files = [a for a in argv if not a.startswith("--")]
     if len(files) > 1 or any(not f.endswith((".yaml", ".yml")) for f in files):
         pairs = [f"{a}={b}" for a, b in zip(argv, argv[1:]) if a.startswith("--") and "=" not in a
@@ -291,13 +292,28 @@ def parse_config(argv):
     init = str(cli.get("init_from", "null")).lower() not in ("null", "none")
     # a run that loads weights takes its model from them, not from configs/tiny.yaml
     path = files[0] if files else None if resume or init else DEFAULT_MODEL
-    raw = read_yaml(path) if path is not None else {}
+    raw = typed_keys(read_config_file(path) if path is not None else {}, cli, bare)
+    model_fields = {f.name for f in dataclasses.fields(Config)}
+    train = {k: v for k, v in raw.items() if k not in model_fields}
+    model_keys = {k: v for k, v in raw.items() if k in model_fields}
+    ckpt = None
+    if train.get("resume"):  # asked for on the command line or in the YAML file
+        train, ckpt = resume_config(train, model_keys)
+    return TrainConfig(**train), model_keys, ckpt
+
+
+def read_config_file(path):
+    """A YAML config's keys: the model's at the top level, the training keys under train:, each
+    in its place (so that model.py reads the file too)."""
+    model_fields = {f.name for f in dataclasses.fields(Config)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    raw = read_yaml(path)
     section = raw.pop("train", None) or {}
     raw = from_seed_schema(raw)  # the Modern Transformer seed's key names, as model.py reads them
     if not isinstance(section, dict):
         raise ValueError(f"train: in {path} must be a mapping: training keys indented under it, "
                          f"one per line")
-    for key in raw:  # each key in its place, so that model.py reads the file too
+    for key in raw:
         if key in train_fields:
             raise ValueError(f"{key!r} in {path} is a training key (TrainConfig in train.py): move "
                              f"it under train:")
@@ -305,11 +321,20 @@ def parse_config(argv):
         if key in model_fields:
             raise ValueError(f"{key!r} under train: in {path} is a model key (Config in model.py): "
                              f"move it to the top level")
-    raw.update(section)
+    return {**raw, **section}
+
+
+def typed_keys(raw: dict, cli: dict, bare: set):
+    """The file's keys (raw) overridden by the command line's (cli: strings, read as YAML scalars
+    unless the field is a string; bare: given as --flag), each a known key with a value of its
+    field's type (Config's or TrainConfig's)."""
+    import yaml
+    fields = {f.name: f.type for cls in (Config, TrainConfig) for f in dataclasses.fields(cls)}
     unknown = [k for k in {**raw, **cli} if k not in fields]
     if any(k in FOREIGN_FLAGS for k in unknown):  # every other project's flag at once, with ours
         raise ValueError("unknown config keys: " + "; ".join(
             f"--{k}: use {FOREIGN_FLAGS[k]}" if k in FOREIGN_FLAGS else f"--{k}" for k in unknown))
+    typed = {}
     for key, value in {**raw, **cli}.items():
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
@@ -332,38 +357,41 @@ def parse_config(argv):
                 value = float(value)
             except ValueError:
                 pass
-        raw[key] = check_type(key, value, fields[key])
-    train = {k: v for k, v in raw.items() if k in train_fields}
-    model_keys = {k: v for k, v in raw.items() if k in model_fields}
-    ckpt = None
-    if train.get("resume"):  # asked for on the command line or in the YAML file
-        ckpt_path = Path(train.get("out_dir", TrainConfig.out_dir)) / "ckpt.pt"
-        if not ckpt_path.is_file():
-            raise ValueError(f"resume=true but {ckpt_path} does not exist; pass the --out_dir of "
-                             f"an earlier run or drop --resume")
-        ckpt = load_checkpoint(ckpt_path)
-        if any(k not in ckpt for k in RESUME_KEYS):
-            raise ValueError(f"{ckpt_path} holds weights only, so it cannot resume a run (as "
-                             f"ckpt_best.pt and exports); pass the out_dir of a ckpt.pt that "
-                             f"train.py wrote, or drop --resume")
-        differ = {k: (ckpt["config"].get(k), v) for k, v in model_keys.items()
-                  if k not in RESUMABLE and Config.from_dict({**ckpt["config"], k: v})
-                  != Config.from_dict(ckpt["config"])}
-        for key in ("optimizer", "init_from"):  # a resumed run keeps its optimizer and start
-            if key in train and train[key] != ckpt["train_config"].get(key):
-                differ[key] = (ckpt["train_config"].get(key), train[key])
-        if differ:
-            what = ", ".join(f"{k}={old!r} (this run: {new!r})" for k, (old, new) in differ.items())
-            raise ValueError(f"cannot resume {ckpt_path}: it was trained with {what}; pass the "
-                             f"same model config and optimizer, or a new --out_dir")
-        given, train = set(train), {**ckpt["train_config"], **train}
-        if train.get("eval_only") and "export" not in given:  # evaluating exports nothing
-            train["export"] = "none"
-        if train.get("max_iters", TrainConfig.max_iters) < ckpt["iter"]:
-            raise ValueError(f"cannot resume {ckpt_path} at iter {ckpt['iter']} with "
-                             f"max_iters={train['max_iters']}; pass --max_iters={ckpt['iter']} "
-                             f"or more")
-    return TrainConfig(**train), model_keys, ckpt
+        typed[key] = check_type(key, value, fields[key])
+    return typed
+
+
+def resume_config(train: dict, model_keys: dict):
+    """--resume: out_dir/ckpt.pt, and the training keys this run continues with (the checkpoint's,
+    overridden by those given); the checkpoint must be one train.py wrote, with the same model
+    config (but RESUMABLE keys), optimizer and init_from. Returns (training keys, checkpoint)."""
+    ckpt_path = Path(train.get("out_dir", TrainConfig.out_dir)) / "ckpt.pt"
+    if not ckpt_path.is_file():
+        raise ValueError(f"resume=true but {ckpt_path} does not exist; pass the --out_dir of "
+                         f"an earlier run or drop --resume")
+    ckpt = load_checkpoint(ckpt_path)
+    if any(k not in ckpt for k in RESUME_KEYS):
+        raise ValueError(f"{ckpt_path} holds weights only, so it cannot resume a run (as "
+                         f"ckpt_best.pt and exports); pass the out_dir of a ckpt.pt that "
+                         f"train.py wrote, or drop --resume")
+    differ = {k: (ckpt["config"].get(k), v) for k, v in model_keys.items()
+              if k not in RESUMABLE and Config.from_dict({**ckpt["config"], k: v})
+              != Config.from_dict(ckpt["config"])}
+    for key in ("optimizer", "init_from"):  # a resumed run keeps its optimizer and start
+        if key in train and train[key] != ckpt["train_config"].get(key):
+            differ[key] = (ckpt["train_config"].get(key), train[key])
+    if differ:
+        what = ", ".join(f"{k}={old!r} (this run: {new!r})" for k, (old, new) in differ.items())
+        raise ValueError(f"cannot resume {ckpt_path}: it was trained with {what}; pass the "
+                         f"same model config and optimizer, or a new --out_dir")
+    given, train = set(train), {**ckpt["train_config"], **train}
+    if train.get("eval_only") and "export" not in given:  # evaluating exports nothing
+        train["export"] = "none"
+    if train.get("max_iters", TrainConfig.max_iters) < ckpt["iter"]:
+        raise ValueError(f"cannot resume {ckpt_path} at iter {ckpt['iter']} with "
+                         f"max_iters={train['max_iters']}; pass --max_iters={ckpt['iter']} "
+                         f"or more")
+    return train, ckpt
 
 
 def get_lr(it, tc: TrainConfig):
@@ -503,6 +531,24 @@ def check_overrides(init: Init, model_keys: dict, source):
                              f"fine-tune those weights, or train a new model without init_from")
 
 
+def starting_point(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
+    """What a run starts from, checked before anything is written: the weights and model config of
+    the resumed checkpoint, of init_from (whose tokenizer is then the default) or of the model keys
+    alone. Returns (tc with its tokenizer named, Init or None, Config)."""
+    init = load_init(tc.init_from) if tc.init_from is not None and ckpt is None else None
+    if init is not None:
+        check_overrides(init, model_keys, tc.init_from)
+        if tc.tokenizer == "auto" and init.tokenizer is None:
+            raise ValueError(f"init_from={tc.init_from} brings no tokenizer a name can rebuild "
+                             f"(a HF directory without tokenizer.json, or a checkpoint's HF one): "
+                             f"pass --tokenizer (hf:PATH, byte, ...), its ids within vocab_size="
+                             f"{init.config['vocab_size']}")
+    if tc.tokenizer == "auto":
+        tc = dataclasses.replace(tc, tokenizer=init.tokenizer if init is not None else "char")
+    source = ckpt["config"] if ckpt else init.config if init is not None else {}
+    return tc, init, Config.from_dict({**source, **model_keys})
+
+
 def check_vocab(vocab_size, arch: Config, tok, sp, objective, source):
     """init_from: the weights fix the vocabulary, so the tokenizer's ids (and the special tokens of
     ours appended after them, when the tokenizer lacks its own: special_tokens) must fit it."""
@@ -638,6 +684,25 @@ def load_data(tc: TrainConfig, arch: Config, objective: str, env: Env, scratch=N
     return tok, splits
 
 
+def check_same_data(tc: TrainConfig, ckpt, init: Init | None, tok, classes, arch: Config):
+    """The data must give back what the loaded weights were trained with: the resumed run's
+    tokenizer and classes, and init_from's tokenizer when it is fitted to its text (char, bpe)."""
+    if ckpt is not None and ckpt["tokenizer"] != tok.meta:
+        raise ValueError(f"cannot resume {Path(tc.out_dir) / 'ckpt.pt'}: its tokenizer "
+                         f"({ckpt['tokenizer']['kind']}) differs from the one prepared for "
+                         f"data={tc.data!r}; pass the data it was trained on")
+    if ckpt is not None and classes is not None and ckpt.get("classes") != classes:
+        raise ValueError(f"cannot resume {Path(tc.out_dir) / 'ckpt.pt'}: it classifies "
+                         f"{ckpt.get('classes')}, the train lines of data={tc.data!r} have "
+                         f"{classes}; pass the data it was trained on")
+    if init is not None and init.tokenizer_meta not in (None, tok.meta) \
+            and tc.tokenizer == init.tokenizer:
+        raise ValueError(f"init_from={tc.init_from}'s {tok.meta['kind']} tokenizer is fitted to "
+                         f"the text it was trained on, and data={tc.data!r} gives another; "
+                         f"fine-tune on text that gives the same vocabulary, or pass a "
+                         f"--tokenizer whose ids fit vocab_size={arch.vocab_size}")
+
+
 def with_classes(model, n_classes):
     """A pretrained model (an --init_from checkpoint or HF directory) with a new n_classes-way
     classifier for objective=classify: every other weight as it was, including a pretrained
@@ -649,6 +714,52 @@ def with_classes(model, n_classes):
     missing, unexpected = new.load_state_dict(state, strict=False)
     assert not unexpected and {k.split(".")[0] for k in missing} <= {"cls", "pooler"}, missing
     return new
+
+
+def build_model(tc: TrainConfig, model_keys: dict, arch: Config, ckpt, init: Init | None, tok,
+                sp, objective, classes, env: Env):
+    """The model to train, on env.device: arch with the tokenizer's vocabulary and the keys the
+    objective needs (config_overrides: the decoder starts from our [PAD] when ours are appended,
+    not the YAML's id) and, for classify, a classifier of the train split's classes; the weights of
+    the resumed checkpoint or init_from, where the run has them. init_from's weights fix every
+    shape: a classifier of other classes is replaced by a new one (with_classes)."""
+    need = {"vocab_size": tok.vocab_size, **config_overrides(objective, sp, arch.architecture)}
+    need["vocab_size"] = model_keys.get("vocab_size", need["vocab_size"])
+    if classes is not None:  # the classifier's width is the train split's label count
+        if model_keys.get("n_classes", len(classes)) != len(classes):
+            raise ValueError(f"n_classes={model_keys['n_classes']} but the train lines of "
+                             f"data={tc.data!r} have {len(classes)} labels; drop --n_classes")
+        need.update(cls_head=True, n_classes=len(classes))
+    if init is not None:  # the weights fix the vocabulary; the objective's other keys keep shapes
+        check_vocab(need.pop("vocab_size"), arch, tok, sp, objective, tc.init_from)
+        need = {k: v for k, v in need.items() if k not in ("cls_head", "n_classes")}
+        cfg = dataclasses.replace(arch, **{k: v for k, v in need.items() if k not in model_keys})
+    else:
+        cfg = arch if ckpt is not None else Config.from_dict({**model_keys, **need})
+    model = Transformer(cfg).to(env.device)
+    weights = ckpt["model"] if ckpt else init.model if init is not None else None
+    if weights is not None:  # (a position table longer than block_size: its first rows)
+        want = model.state_dict()
+        model.load_state_dict({k: v[:len(want[k])] if k in want and v.shape != want[k].shape
+                               else v for k, v in weights.items()})
+    if init is not None and classes is not None and init.classes != classes:
+        model = with_classes(model, len(classes))
+    return model
+
+
+def summary(model, tok, sp, splits, objective, pair_task, init: Init | None, tc: TrainConfig,
+            env: Env):
+    """The run in one line: size, architecture, objective, tokenizer, data and device."""
+    classes = splits["train"].classes if objective == "classify" else None
+    task = objective + (f" + {pair_task}" if pair_task != "none" else "") + \
+        (f" of {len(classes)} classes" if classes else "") + (" + SiFT" if tc.sift else "")
+    unit = {"seq2seq": "pairs", "classify": "texts"}.get(objective, "tokens")
+    start = f"; from {tc.init_from}" if init is not None else ""
+    ours = f" + {sp.n_ids - sp.vocab} special tokens" if sp.appended else ""
+    return (f"{model.get_num_params() / 1e6:.2f}M parameters, {model.config.architecture}, "
+            f"objective {task}{start}; {tok.meta.get('name', tok.meta['kind'])} tokenizer, vocab "
+            f"{tok.vocab_size}{ours}; {len(splits['train']):,} train / {len(splits['val']):,} "
+            f"val {unit}; {env.device} {env.dtype}, world {env.world}")
 
 
 def shard(model):
@@ -860,6 +971,22 @@ def check_finite(what, value, it, lr, last_good):
                                  f"{last_good}; lower --lr or raise --warmup_iters")
 
 
+def checkpoint_meta(tok, objective, pair_task, sp, cfg: Config, classes, init: Init | None,
+                    ckpt):
+    """What every checkpoint and export holds besides weights and config: the tokenizer, the
+    objective, its special tokens (own or appended), a classifier's labels, and a HF directory's
+    bos/eos/pad ids for --export=hf (kept by resumed and re-initialised runs too)."""
+    meta = {"tokenizer": tok.meta, "objective": objective, "pair_task": pair_task,
+            **({"specials": "appended" if sp.appended else "own"}   # objectives that use them
+               if needs(objective, cfg.architecture) else {}),
+            **({"classes": classes} if classes else {})}
+    token_ids = init.token_ids if init is not None else ckpt.get("hf_token_ids", {}) if ckpt \
+        else {}
+    if token_ids:
+        meta["hf_token_ids"] = token_ids
+    return meta
+
+
 def full_state(model, optimizers, tc: TrainConfig):
     """(a model-like object save_checkpoint reads, optimizer state dicts) with whole tensors: FSDP
     gathers its shards here, every rank taking part."""
@@ -957,6 +1084,17 @@ class Metrics:
             self.file.close()
 
 
+def estimate_mfu(model, tok_s, tc: TrainConfig, env: Env):
+    """MFU: the model's FLOPs at tok_s tokens/s, 6N + 12 L H hs T per token (PaLM, appendix B),
+    over all ranks' peak (peak_tflops, else PEAK_TFLOPS by GPU name); None when no peak is known."""
+    cfg = model.config
+    flops_per_token = 6 * model.get_num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.hs * \
+        cfg.block_size
+    gpu_name = torch.cuda.get_device_name() if env.device_type == "cuda" else ""
+    peak = tc.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in gpu_name), None)
+    return flops_per_token * tok_s / (env.world * peak * 1e12) if peak else None
+
+
 def cannot_sample(model, objective):
     """Why the end-of-run sample cannot run, or None. Generation decodes with a cache, which a model
     that cannot decode causally (expert-choice MoE) refuses; mlm and classify need one forward
@@ -1012,17 +1150,23 @@ def export(path, model, dtype, meta, tc: TrainConfig, env: Env):
         print(f"wrote {path} ({tc.export} weights)")
 
 
-def export_hf(path, model, tok, token_ids, classes, tc: TrainConfig, env: Env):
+def export_hf(path, model, tok, sp, meta, tc: TrainConfig, env: Env):
     """out_dir/hf: a HF-format directory (hf.save_pretrained), with the tokenizer.json the
-    tokenizer came from; a classifier's (classes: its labels) as the family's
-    *ForSequenceClassification. Every rank takes part (FSDP gathers its shards)."""
+    tokenizer came from and the bos/eos/pad ids: a HF directory's (meta), and those of the special
+    tokens an objective other than lm framed with; a classifier (meta's classes: its labels) as
+    the family's *ForSequenceClassification. Every rank takes part (FSDP gathers its shards)."""
+    token_ids = dict(meta.get("hf_token_ids", {}))
+    if meta["objective"] != "lm":
+        token_ids.update(pad_token_id=sp.pad, **{f"{k}_token_id": sp.ids[name] for k, name in
+                                                 (("eos", "[EOS]"), ("bos", "[BOS]"))
+                                                 if name in sp.ids})
     state, _ = full_state(model, [], tc)
     if env.master:
         if tc.fsdp:  # whole tensors in a plain module: save_pretrained reads its parameters
             model = Transformer(model.config)
             model.load_state_dict(state.state_dict())
         hf_tok = tok if tok.meta["kind"] == "hf" else None
-        save_pretrained(model, path, hf_tok, token_ids, classes)
+        save_pretrained(model, path, hf_tok, token_ids, meta.get("classes"))
         family = json.loads((path / "config.json").read_text())["model_type"]
         print(f"wrote {path} (HF {family}: config.json, model.safetensors"
               + (", tokenizer.json)" if hf_tok else ")"))
@@ -1050,98 +1194,37 @@ def main(argv=None):
 
 def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
     """Sections 1-8: check, set up, loop, export, sample; main() returns what this returns."""
-    # ------------------------------------------------------------------------------------------
-    # 1. Config, and every check that does not need the data: nothing is written before them.
-    #    Weights come from the resumed checkpoint, or init_from (whose tokenizer is the default)
-    init = load_init(tc.init_from) if tc.init_from is not None and ckpt is None else None
-    if init is not None:
-        check_overrides(init, model_keys, tc.init_from)
-        if tc.tokenizer == "auto" and init.tokenizer is None:
-            raise ValueError(f"init_from={tc.init_from} brings no tokenizer a name can rebuild "
-                             f"(a HF directory without tokenizer.json, or a checkpoint's HF one): "
-                             f"pass --tokenizer (hf:PATH, byte, ...), its ids within vocab_size="
-                             f"{init.config['vocab_size']}")
-    if tc.tokenizer == "auto":
-        tc = dataclasses.replace(tc, tokenizer=init.tokenizer if init is not None else "char")
-    source = ckpt or (init._asdict() if init is not None else None)
-    arch = Config.from_dict({**source["config"], **model_keys} if source else model_keys)
+    # 1. Config, and every check that does not need the data: nothing is written before them
+    tc, init, arch = starting_point(tc, model_keys, ckpt)
     objective = default_objective(arch, tc.data) if tc.objective == "auto" else tc.objective
     pair_task = tc.pair_task if tc.pair_task != "auto" else \
         "nsp" if objective == "mlm" and arch.cls_head else "none"
     kept = check_run(tc, arch, objective, pair_task)  # checkpoints in out_dir: resumed or replaced
     out_dir = Path(tc.out_dir)
 
-    # ------------------------------------------------------------------------------------------
     # 2. Device, precision and distributed init
     env = init_env(tc)
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
 
-    # ------------------------------------------------------------------------------------------
-    # 3. Data: tokenised once into out_dir/data, or the source/target pairs; the tokenizer must be
-    #    the one the loaded weights were trained with
+    # 3. Data: tokenised once into out_dir/data, or the source/target pairs, or the labeled texts
     scratch = tempfile.TemporaryDirectory() if tc.eval_only else None  # eval_only writes nothing
     tok, splits = load_data(tc, arch, objective, env, scratch and scratch.name)
-    if ckpt is not None and ckpt["tokenizer"] != tok.meta:
-        raise ValueError(f"cannot resume {out_dir / 'ckpt.pt'}: its tokenizer "
-                         f"({ckpt['tokenizer']['kind']}) differs from the one prepared for "
-                         f"data={tc.data!r}; pass the data it was trained on")
-    if ckpt is not None and objective == "classify" and \
-            ckpt.get("classes") != splits["train"].classes:
-        raise ValueError(f"cannot resume {out_dir / 'ckpt.pt'}: it classifies "
-                         f"{ckpt.get('classes')}, the train lines of data={tc.data!r} have "
-                         f"{splits['train'].classes}; pass the data it was trained on")
-    if init is not None and init.tokenizer_meta not in (None, tok.meta) \
-            and tc.tokenizer == init.tokenizer:
-        raise ValueError(f"init_from={tc.init_from}'s {tok.meta['kind']} tokenizer is fitted to "
-                         f"the text it was trained on, and data={tc.data!r} gives another; "
-                         f"fine-tune on text that gives the same vocabulary, or pass a "
-                         f"--tokenizer whose ids fit vocab_size={arch.vocab_size}")
+    classes = splits["train"].classes if objective == "classify" else None
+    check_same_data(tc, ckpt, init, tok, classes, arch)
 
-    # ------------------------------------------------------------------------------------------
-    # 4. Model: the tokenizer's ids, and the objective's special tokens (data/objectives.py): the
-    #    tokenizer's own where it has them all (the decoder then starts as its family's does), else
-    #    ours appended after its ids (the decoder starts from our [PAD], not the YAML's id); a
-    #    resumed or re-initialised checkpoint of ours keeps what it was trained with
+    # 4. Model: the tokenizer's ids and the objective's special tokens (data/objectives.py): the
+    #    tokenizer's own where it has them all, else ours appended after its ids; a resumed or
+    #    re-initialised checkpoint of ours keeps what it was trained with
     choice = ckpt.get("specials", "appended") if ckpt else init.specials if init else None
     sp = special_tokens(tok, objective, arch.architecture, choice)
-    need = {"vocab_size": tok.vocab_size, **config_overrides(objective, sp, arch.architecture)}
-    need["vocab_size"] = model_keys.get("vocab_size", need["vocab_size"])
-    classes = splits["train"].classes if objective == "classify" else None
-    if classes is not None:  # the classifier's width is the train split's label count
-        if model_keys.get("n_classes", len(classes)) != len(classes):
-            raise ValueError(f"n_classes={model_keys['n_classes']} but the train lines of "
-                             f"data={tc.data!r} have {len(classes)} labels; drop --n_classes")
-        need.update(cls_head=True, n_classes=len(classes))
-    # init_from + classify: a new classifier on the pretrained weights, unless they hold this one
-    fresh_head = init is not None and classes is not None and init.classes != classes
-    if init is not None:  # the weights fix the vocabulary; the objective's other keys keep shapes
-        check_vocab(need.pop("vocab_size"), arch, tok, sp, objective, tc.init_from)
-        need = {k: v for k, v in need.items() if k not in ("cls_head", "n_classes")}
-        cfg = dataclasses.replace(arch, **{k: v for k, v in need.items() if k not in model_keys})
-    else:
-        cfg = arch if ckpt is not None else Config.from_dict({**model_keys, **need})
-    model = raw_model = Transformer(cfg).to(env.device)  # raw_model: unwrapped, saved and sampled
-    if source is not None:  # (a position table longer than block_size: its first rows)
-        want = model.state_dict()
-        model.load_state_dict({k: v[:len(want[k])] if k in want and v.shape != want[k].shape
-                               else v for k, v in source["model"].items()})
-    if fresh_head:
-        model = raw_model = with_classes(model, len(classes))
-        cfg = model.config
+    raw_model = build_model(tc, model_keys, arch, ckpt, init, tok, sp, objective, classes, env)
+    model, cfg = raw_model, raw_model.config  # model is compiled and wrapped; raw_model is saved
     check_objective(objective, cfg, sp, pair_task)
     if env.master:
-        task = objective + (f" + {pair_task}" if pair_task != "none" else "") + \
-            (f" of {len(classes)} classes" if classes else "") + (" + SiFT" if tc.sift else "")
-        unit = {"seq2seq": "pairs", "classify": "texts"}.get(objective, "tokens")
-        start = f"; from {tc.init_from}" if init is not None else ""
-        ours = f" + {sp.n_ids - sp.vocab} special tokens" if sp.appended else ""
-        print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, {cfg.architecture}, objective "
-              f"{task}{start}; {tok.meta.get('name', tok.meta['kind'])} tokenizer, vocab "
-              f"{tok.vocab_size}{ours}; {len(splits['train']):,} train / {len(splits['val']):,} "
-              f"val {unit}; {env.device} {env.dtype}, world {env.world}")
+        print(summary(raw_model, tok, sp, splits, objective, pair_task, init, tc, env))
     T, K = cfg.block_size, tc.segments
-    make = (lambda d, rows, gen: lm_batch(d, rows, gen, K * T)) if K > 1 else \
-        (lambda d, rows, gen: OBJECTIVES[objective](d, rows, gen, cfg, sp, pair_task))
+    make = partial(lm_batch, T=K * T) if K > 1 else \
+        partial(OBJECTIVES[objective], cfg=cfg, sp=sp, pair_task=pair_task)
     batches = lambda split, gen, n: get_batch(splits[split], gen, n, make, tc, env, raw_model)
     bits = tok.meta["kind"] == "byte" and objective == "lm"  # a loss per byte: also bits per byte
     ppl = pair_task == "none" and objective != "classify"  # a mean loss per token
@@ -1158,7 +1241,6 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
     if tc.fsdp:
         shard(raw_model)
 
-    # ------------------------------------------------------------------------------------------
     # 5. Optimizer, scaler, and the state a resumed run continues from
     optimizers = make_optimizers(raw_model, tc, env)
     scaler = torch.amp.GradScaler(env.device_type, enabled=env.dtype == "fp16")  # fp16 underflows
@@ -1169,7 +1251,6 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
         iter_num, best_val, tokens_seen = load_state(ckpt, raw_model, optimizers, scaler, data_gen,
                                                      tc, env)
 
-    # ------------------------------------------------------------------------------------------
     # 6. Compile and wrap: DDP all-reduces gradients; FSDP2 already wrapped the model in section 4
     if tc.compile:
         model = torch.compile(model)
@@ -1181,22 +1262,9 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
         ids = [int(env.device.split(":")[1])] if env.device_type == "cuda" else None
         model = DDP(model, device_ids=ids, find_unused_parameters=unused)
 
-    # ------------------------------------------------------------------------------------------
     # 7. Training loop
-    meta = {"tokenizer": tok.meta, "objective": objective, "pair_task": pair_task,
-            **({"specials": "appended" if sp.appended else "own"}   # objectives that use them
-               if needs(objective, cfg.architecture) else {}),
-            **({"classes": classes} if classes else {})}
-    # a HF directory's bos/eos/pad ids, kept for --export=hf (resumed and re-initialised runs too)
-    token_ids = init.token_ids if init is not None else ckpt.get("hf_token_ids", {}) if ckpt \
-        else {}
-    if token_ids:
-        meta["hf_token_ids"] = token_ids
+    meta = checkpoint_meta(tok, objective, pair_task, sp, cfg, classes, init, ckpt)
     tokens_per_iter = tc.batch_size * tc.grad_accum * env.world * K * T
-    # MFU: 6N + 12 L H hs T FLOPs per token (PaLM, appendix B) against the accelerator's peak
-    flops_per_token = 6 * raw_model.get_num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.hs * T
-    gpu_name = torch.cuda.get_device_name() if env.device_type == "cuda" else ""
-    peak = tc.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in gpu_name), None)
     start = iter_num
     replaced = [name for name in kept if name in EXPORTED] if ckpt is None else []
     last_good = f"{out_dir / 'ckpt.pt'} (iter {start}) is the last good checkpoint" if ckpt \
@@ -1251,26 +1319,19 @@ def train(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
             dt = (time.time() - t_log) / iters_logged
             tok_s = tokens_per_iter / dt
             eta = dt * (tc.max_iters - iter_num - 1)
-            mfu = f", mfu {100 * flops_per_token * tok_s / (env.world * peak * 1e12):.1f}%" \
-                if peak else ""
+            mfu = estimate_mfu(raw_model, tok_s, tc, env)
             print(f"iter {iter_num}/{tc.max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {tok_s:,.0f} "
-                  f"tok/s, {1000 * dt:.0f} ms/iter{mfu}, eta {int(eta) // 60}m{int(eta) % 60:02d}s",
-                  flush=True)
+                  f"tok/s, {1000 * dt:.0f} ms/iter" + (f", mfu {100 * mfu:.1f}%" if mfu else "")
+                  + f", eta {int(eta) // 60}m{int(eta) % 60:02d}s", flush=True)
             metrics.write(iter=iter_num, loss=lossf, lr=lr, tok_per_s=tok_s, ms_per_iter=1000 * dt,
                           tokens=tokens_seen)
             t_log, iters_logged = time.time(), 0
         iter_num += 1
     metrics.close()
 
-    # ------------------------------------------------------------------------------------------
     # 8. Export, then sample (every rank: FSDP shards need all of them; rank 0 prints)
-    if tc.export == "hf":  # the special tokens' ids an objective other than lm framed with
-        ids = dict(token_ids)
-        if objective != "lm":
-            ids.update(pad_token_id=sp.pad, **{f"{k}_token_id": sp.ids[name] for k, name in
-                                               (("eos", "[EOS]"), ("bos", "[BOS]"))
-                                               if name in sp.ids})
-        export_hf(out_dir / "hf", raw_model, tok, ids, classes, tc, env)
+    if tc.export == "hf":
+        export_hf(out_dir / "hf", raw_model, tok, sp, meta, tc, env)
     elif tc.export != "none":
         export(out_dir / f"model_{tc.export}.pt", raw_model, DTYPES[tc.export], meta, tc, env)
     # an encoder-decoder's generate() encodes outside forward(), where FSDP would not gather
