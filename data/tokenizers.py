@@ -828,10 +828,10 @@ class AddedTokens:
             if t.get("single_word") and (start and WORD.match(text[start - 1])
                                          or stop < len(text) and WORD.match(text[stop])):
                 continue
-            if t.get("lstrip"):
-                start = max(len(text[:start].rstrip(WHITESPACE)), at)
-            if t.get("rstrip"):
-                stop = len(text) - len(text[stop:].lstrip(WHITESPACE))
+            while t.get("lstrip") and start > at and text[start - 1] in WHITESPACE:
+                start -= 1                                  # (no slice: a copy of the text each)
+            while t.get("rstrip") and stop < len(text) and text[stop] in WHITESPACE:
+                stop += 1
             out += [(text[at:start], None, at)] * (start > at)
             out.append((text[start:stop], t["id"], start))
             at = stop
