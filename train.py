@@ -161,7 +161,7 @@ class TrainConfig:
     # optimizer and schedule
     optimizer: str = "adamw"          # adamw | muon (torch.optim.Muon on hidden 2-D matrices)
     lr: float = 1e-3                  # peak; Muon uses it too (adjust_lr_fn="match_rms_adamw")
-    min_lr: float = 1e-4
+    min_lr: float | None = None       # None -> lr / 10 (nanoGPT's rule of thumb)
     warmup_iters: int = 100
     lr_decay_iters: int | None = None  # cosine reaches min_lr here; None -> max_iters
     weight_decay: float = 0.1         # matrices only; norms, biases and gains are not decayed
@@ -181,6 +181,8 @@ class TrainConfig:
         and the fix."""
         for f in dataclasses.fields(self):  # int -> float where a float is due, as YAML gives 3
             setattr(self, f.name, check_type(f.name, getattr(self, f.name), f.type))
+        if self.min_lr is None:
+            self.min_lr = self.lr / 10
         check_choice("optimizer", self.optimizer, ("adamw", "muon"))
         check_choice("dtype", self.dtype, ("auto", *DTYPES))
         check_choice("export", self.export, ("none", "fp16", "bf16", "hf"))
@@ -474,8 +476,9 @@ class Init(NamedTuple):
 
 # a checkpoint's tokenizer -> the --tokenizer name that makes it again; char and bpe are fitted to
 # the text they are prepared from, so train() checks that the data gives them back unchanged
-TOKENIZER_NAMES = {"byte": lambda meta: "byte", "tiktoken": lambda meta: meta["name"],
-                   "char": lambda meta: "char", "bpe": lambda meta: "bpe"}
+TOKENIZER_NAMES = {"byte": lambda meta, path: "byte", "tiktoken": lambda meta, path: meta["name"],
+                   "char": lambda meta, path: "char", "bpe": lambda meta, path: "bpe",
+                   "hf": lambda meta, path: f"hf:{path}"}  # the checkpoint keeps its json
 HF_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
@@ -497,7 +500,8 @@ def load_init(path) -> Init:
                     class_names(path) if model.config.cls_head else None)
     ckpt = load_checkpoint(path)
     meta = ckpt.get("tokenizer")
-    name = TOKENIZER_NAMES[meta["kind"]](meta) if meta and meta["kind"] in TOKENIZER_NAMES else None
+    name = TOKENIZER_NAMES[meta["kind"]](meta, path) if meta and meta["kind"] in TOKENIZER_NAMES \
+        else None
     # (written before "specials" existed: ours were appended)
     return Init(ckpt["config"], ckpt["model"], name, meta, ckpt.get("hf_token_ids") or {},
                 ckpt.get("classes"), ckpt.get("specials", "appended"))
@@ -539,10 +543,9 @@ def starting_point(tc: TrainConfig, model_keys: dict, ckpt: dict | None):
     if init is not None:
         check_overrides(init, model_keys, tc.init_from)
         if tc.tokenizer == "auto" and init.tokenizer is None:
-            raise ValueError(f"init_from={tc.init_from} brings no tokenizer a name can rebuild "
-                             f"(a HF directory without tokenizer.json, or a checkpoint's HF one): "
-                             f"pass --tokenizer (hf:PATH, byte, ...), its ids within vocab_size="
-                             f"{init.config['vocab_size']}")
+            raise ValueError(f"init_from={tc.init_from} brings no tokenizer (a HF directory "
+                             f"without tokenizer.json): pass --tokenizer (hf:PATH, byte, ...), "
+                             f"its ids within vocab_size={init.config['vocab_size']}")
     if tc.tokenizer == "auto":
         tc = dataclasses.replace(tc, tokenizer=init.tokenizer if init is not None else "char")
     source = ckpt["config"] if ckpt else init.config if init is not None else {}

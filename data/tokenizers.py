@@ -886,8 +886,16 @@ class HFTokenizer:
 
 
 def hf_tokenizer(path):
-    """The tokenizer of a HF tokenizer.json: the file, or a directory holding one."""
+    """The tokenizer of a HF tokenizer.json: the file, a directory holding one, or a checkpoint of
+    ours (.pt) trained with one, which keeps a copy (--init_from=ckpt_best.pt takes it so)."""
     path = Path(path)
+    if path.suffix == ".pt":
+        from model import load_checkpoint  # lazy: only this path needs the model's loader
+        meta = load_checkpoint(path).get("tokenizer") or {}
+        if meta.get("kind") != "hf":
+            raise ValueError(f"checkpoint {path} was trained with a {meta.get('kind')} tokenizer, "
+                             f"not a HF tokenizer.json; pass that tokenizer's name instead")
+        return from_json(meta["json"], f"the tokenizer.json in {path}")
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise ValueError(f"{path} has no tokenizer.json" if path.is_dir() else
@@ -922,7 +930,8 @@ def from_json(text, where="the tokenizer.json"):
 
 def make_tokenizer(name, text, bpe_vocab_size=1024):
     """A tokenizer for --tokenizer=name fitted to `text`: char, byte, bpe (trained here), hf:PATH
-    or a tiktoken encoding name."""
+    (a tokenizer.json, its directory, or a checkpoint trained with one) or a tiktoken encoding
+    name."""
     if name == "char":
         return CharTokenizer("".join(sorted(set(text))))
     if name == "byte":

@@ -368,6 +368,20 @@ def test_init_from_checkpoint_starts_from_its_weights_and_tokenizer(pretrained, 
     assert "val_bpb" in metrics[0]
 
 
+def test_init_from_a_finetune_of_a_hf_directory_takes_its_tokenizer(finetuned, text, tmp_path):
+    """A checkpoint trained with a HF tokenizer.json keeps the json: init_from it needs no
+    --tokenizer, evaluates as the checkpoint did, and exports that tokenizer.json again."""
+    _, _, metrics, out = finetuned("llama")
+    best = out / "ckpt_best.pt"
+    result = train.main([f"--data={text}", f"--out_dir={tmp_path}", *RUN, f"--init_from={best}",
+                         "--export=hf"])
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().split("\n")[0])
+    assert first["val_loss"] == load_checkpoint(best)["val_loss"]
+    assert result["model"].config.vocab_size == load_checkpoint(best)["config"]["vocab_size"]
+    assert (tmp_path / "hf" / "tokenizer.json").read_text() == \
+        (out / "hf" / "tokenizer.json").read_text()
+
+
 def test_run_from_scratch_exports_and_replaces_its_export(text, tmp_path):
     """A Llama-style config trained from scratch (TINY) -> --export=hf -> LlamaForCausalLM with our
     logits; out_dir/hf counts as the run's: a fresh run refuses it, --overwrite replaces it."""
@@ -431,8 +445,7 @@ def small_vocab_bert(tmp_path_factory, qwen3_next):  # noqa: F811
 BAD = [  # (arguments, what the message says)
     (["--init_from={d}/nowhere.pt"], "checkpoint {d}/nowhere.pt does not exist"),
     (["--init_from={d}"], "is a directory without config.json, so not a HF-format one"),
-    (["--init_from={mistral}"], "brings no tokenizer a name can rebuild (a HF directory without "
-                                "tokenizer.json"),
+    (["--init_from={mistral}"], "brings no tokenizer (a HF directory without tokenizer.json)"),
     (["--init_from={llama}", "--n_layer=3"], "n_layer=3 changes the shape of weights that "
                                              "init_from={llama} holds (there n_layer=2)"),
     (["--init_from={gpt2}", "--block_size=128"], "block_size=128 changes the shape"),

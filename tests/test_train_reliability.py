@@ -348,6 +348,9 @@ def test_lr_schedule_values():
     assert got == pytest.approx([2.0, 1.0, 0.0], abs=1e-12)
     tc = train.TrainConfig(lr=2.0, min_lr=0.5, warmup_iters=0, lr_decay_iters=0, max_iters=100)
     assert [train.get_lr(it, tc) for it in (0, 50)] == [0.5, 0.5]
+    # min_lr unset follows lr (a fine-tune's --lr=2e-5 alone is valid): lr / 10
+    assert train.TrainConfig(lr=2e-5).min_lr == pytest.approx(2e-6, rel=1e-12)
+    assert train.TrainConfig().min_lr == pytest.approx(1e-4, rel=1e-12)
 
 
 CPU = train.Env(rank=0, world=1, device="cpu", dtype="fp32", distributed=False)
