@@ -381,7 +381,9 @@ def sample(model, x, tok, stop, generator, echo, args, draft=None):
     streamer.flush()
     dt = time.perf_counter() - t0
     streamer.write("\n")
-    print(f"{streamer.count} tokens in {dt:.2f} s: {streamer.count / dt:.1f} tokens/s",
+    print(f"{streamer.count} tokens in {dt:.2f} s: {streamer.count / dt:.1f} tokens/s"
+          + (" (--compile: the first sample includes compiling the step)" if args.compile
+             else ""),
           file=sys.stderr)
     if stats:
         print(f"draft: {stats['accepted']} of {stats['drafted']} drafted tokens accepted "
