@@ -587,9 +587,9 @@ def read_weights(hf_dir: Path, keys: dict):
     return sd, source
 
 
-def rename(name, keys):
-    """One HF weight name -> ours through a key table, or None. Every number is a {} first; failing
-    that only the first one (the layer), as T5's literal layer.0/1/2 need."""
+def templates(name):
+    """A weight name's key-table lookups: (template, its numbers) with every number a {}, then
+    with only the first one (the layer), as T5's literal layer.0/1/2 need."""
     parts = name.split(".")
     numbers = [p for p in parts if p.isdigit()]
     every = ".".join("{}" if p.isdigit() else p for p in parts)
@@ -597,7 +597,12 @@ def rename(name, keys):
     if numbers:
         i = parts.index(numbers[0])
         first = ".".join(parts[:i] + ["{}"] + parts[i + 1:])
-    for template, args in ((every, numbers), (first, numbers[:1])):
+    return [(every, numbers), (first, numbers[:1])]
+
+
+def rename(name, keys):
+    """One HF weight name -> ours through a key table (templates), or None."""
+    for template, args in templates(name):
         if template in keys:
             return keys[template].format(*args)
     return None
@@ -1029,15 +1034,8 @@ def invert(keys):
 
 def hf_name(name, table):
     """One of our names -> its HF name through an inverted table, or None: the name as it is,
-    then every number a {}, then only the first (as rename reads them)."""
-    parts = name.split(".")
-    numbers = [p for p in parts if p.isdigit()]
-    every = ".".join("{}" if p.isdigit() else p for p in parts)
-    first = name
-    if numbers:
-        i = parts.index(numbers[0])
-        first = ".".join(parts[:i] + ["{}"] + parts[i + 1:])
-    for template, args in ((name, []), (every, numbers), (first, numbers[:1])):
+    then its templates (as rename reads them)."""
+    for template, args in [(name, []), *templates(name)]:
         if template in table:
             hf, slots = table[template]
             values = ["0"] * hf.count("{}")

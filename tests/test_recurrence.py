@@ -306,6 +306,17 @@ def segmented_logits(model, ids, cuts):
 CUTS = [0, 1, 3, 9, 10, 11, 12, 19, 20, 23]   # lengths 1, 2, 6, 1, 1, 1, 7, 1, 3; block_width 4
 
 
+def segments_equal_one_call(m, x):
+    """x's logits in one call, after checking that the CUTS segments and token-by-token calls
+    through a carried cache give them too (to 1e-5)."""
+    full = m(x).logits
+    seg, _ = segmented_logits(m, x, CUTS)
+    assert close(seg, full, 1e-5)
+    one_by_one, _ = segmented_logits(m, x, list(range(CUTS[-1] + 1)))
+    assert close(one_by_one, full, 1e-5)
+    return full
+
+
 @pytest.mark.parametrize("gate", ["fixed", "lstm"])
 @pytest.mark.parametrize("position, recurrent", [("rope", (1,)), ("learned", (1,)),
                                                  ("rope", (0, 2)), ("none", (2,))])
@@ -313,11 +324,7 @@ def test_brt_segments_equal_one_call(gate, position, recurrent):
     m = build(brt_config(state_gate=gate, position=position, recurrent_layers=recurrent))
     x = ids_of(2, CUTS[-1])
     with torch.no_grad():
-        full = m(x).logits
-        seg, _ = segmented_logits(m, x, CUTS)
-        assert close(seg, full, 1e-5)
-        one_by_one, _ = segmented_logits(m, x, list(range(CUTS[-1] + 1)))
-        assert close(one_by_one, full, 1e-5)
+        full = segments_equal_one_call(m, x)
         # not vacuous: the same segments without the carry give other logits
         cut = [m(x[:, a:b], input_pos=torch.arange(a, b)).logits for a, b in zip(CUTS, CUTS[1:])]
         assert not close(torch.cat(cut, 1), full, 1e-2)
@@ -526,10 +533,7 @@ def test_brt_segments_equal_one_call_compressed(position, compress, gate, n_kv_h
                   n_kv_head=n_kv_head, recurrent_layers=(0, 2))
     x = ids_of(2, CUTS[-1])
     with torch.no_grad():
-        full = m(x).logits
-        seg, _ = segmented_logits(m, x, CUTS)
-        one_by_one, _ = segmented_logits(m, x, list(range(CUTS[-1] + 1)))
-        assert close(seg, full, 1e-5) and close(one_by_one, full, 1e-5)
+        full = segments_equal_one_call(m, x)
         plain = brt_model(position=position, state_gate=gate, n_kv_head=n_kv_head,
                           recurrent_layers=(0, 2))
         plain.load_state_dict(m.state_dict())  # compression has no weights
@@ -676,10 +680,7 @@ def test_enhanced_recurrence_segments_equal_one_call(recurrent, compress):
                   position="dynamic_bias" if compress else "rope", enhanced_recurrence=True)
     x = ids_of(2, CUTS[-1])
     with torch.no_grad():
-        full = m(x).logits
-        seg, _ = segmented_logits(m, x, CUTS)
-        one_by_one, _ = segmented_logits(m, x, list(range(CUTS[-1] + 1)))
-        assert close(seg, full, 1e-5) and close(one_by_one, full, 1e-5)
+        segments_equal_one_call(m, x)
         prompt = x[:, :5]
         assert torch.equal(m.generate(prompt, 15, temperature=0),
                            greedy_full_forwards(m, prompt, 15))
