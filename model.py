@@ -2192,15 +2192,16 @@ def save_checkpoint(path, model, **extra):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """torch.load with weights_only=True (never unpickles arbitrary objects); one-line errors."""
+def load_checkpoint(path, map_location="cpu", mmap=False):
+    """torch.load with weights_only=True (never unpickles arbitrary objects); one-line errors.
+    mmap: tensors are mapped from the file, read only when used."""
     if Path(path).is_dir():
         raise ValueError(f"checkpoint {path} is a directory; pass the checkpoint file in it "
                          f"(train.py writes {Path(path) / 'ckpt.pt'})")
     if not Path(path).is_file():
         raise ValueError(f"checkpoint {path} does not exist; pass the ckpt.pt that train.py wrote")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # truncated zip, bad pickle, foreign objects: not a usable checkpoint
         raise ValueError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); "
                          f"re-save it or use another file") from None

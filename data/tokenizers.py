@@ -891,7 +891,7 @@ def hf_tokenizer(path):
     path = Path(path)
     if path.suffix == ".pt":
         from model import load_checkpoint  # lazy: only this path needs the model's loader
-        meta = load_checkpoint(path).get("tokenizer") or {}
+        meta = load_checkpoint(path, mmap=True).get("tokenizer") or {}  # no weights read
         if meta.get("kind") != "hf":
             raise ValueError(f"checkpoint {path} was trained with a {meta.get('kind')} tokenizer, "
                              f"not a HF tokenizer.json; pass that tokenizer's name instead")
