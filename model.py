@@ -1504,7 +1504,7 @@ class ACT(nn.Module):
 
 
 class ModelOutput(NamedTuple):
-    logits: torch.Tensor | None        # (B, T, V); None for a classification call (see forward)
+    logits: torch.Tensor | None        # (B, T, V); None: a classify call, or fused (lm_logits)
     loss: torch.Tensor | None          # mean cross-entropy over targets != -1, or None
     aux_loss: torch.Tensor             # auxiliary losses (MoE balance, ACT ponder cost); 0 if none
     cls_logits: torch.Tensor | None = None  # (B, n_classes) when the config has cls_head
@@ -1537,75 +1537,57 @@ def check_ids(ids, vocab_size, what="input_ids"):
                          f"vocabulary [0, {vocab_size}); was it made by another tokenizer?")
 
 
-CE_CHUNK = 1 << 23  # LinearCrossEntropy: elements of each row block's (rows, V) temporaries
+CE_CHUNK = 1 << 23  # LinearCrossEntropy: logits per row block (32 MB in fp32)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """The LM head and its loss in one: logits = softcap(h·Wᵀ + b) and their mean cross-entropy
-    against targets (-1: ignored), computed in blocks of CE_CHUNK // V rows. Each block's
-    gradients are taken in forward, while its softmax is at hand, so backward only scales them:
-    nothing (N, V)-sized is saved for backward (F.cross_entropy keeps an fp32 log-softmax, and its
-    backward makes two more) and no matmul runs twice (as in Liger's fused linear cross-entropy,
-    Hsu et al. 2024, arXiv:2410.10989). The logits are returned, not saved: they are freed when
-    the caller drops them, and a loss of the caller's on them still gets its gradient."""
+    """A training call's LM head and loss in one: the mean cross-entropy of softcap(h·Wᵀ + b)
+    against targets (-1: ignored), in blocks of CE_CHUNK // V rows. Each block's gradients are
+    taken in forward, while its softmax is at hand, and backward only scales them: no (N, V)
+    tensor outlives its block (F.cross_entropy keeps an fp32 log-softmax for backward) and no
+    matmul runs twice (Liger's fused linear cross-entropy, Hsu et al. 2024, arXiv:2410.10989).
+    torch's F.linear_cross_entropy does this too, but rounds the loss to bf16 under autocast."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, softcap, grad):
-        """h (N, E), weight (V, E), bias (V,) or None, targets (N,); grad: gradients will be
-        wanted (grad mode was on). Returns (loss, logits (N, V))."""
+    def forward(ctx, h, weight, bias, targets, softcap):
+        """h (N, E), weight (V, E), bias (V,) or None, targets (N,) -> the loss (fp32)."""
         valid = targets >= 0
         count = valid.sum()
-        share = valid / count.clamp_min(1)          # (N,) each row's weight in the mean
-        need = [grad and t is not None and t.requires_grad for t in (h, weight, bias)]
-        acc = [torch.zeros_like(t, dtype=torch.float32) if n else None
-               for t, n in zip((h, weight, bias), need)]
-        logits, loss, step = None, 0, max(1, CE_CHUNK // len(weight))
+        share = valid / count.clamp_min(1)                  # (N,) each row's weight in the mean
+        ctx.grads = [t is not None and t.requires_grad and torch.zeros_like(t, dtype=torch.float32)
+                     for t in (h, weight, bias)]            # False: no gradient wanted
+        dh, dw, db = ctx.grads
+        loss, step = 0, max(1, CE_CHUNK // len(weight))
         for i in range(0, len(h), step):
             rows, hi = slice(i, i + step), h[i:i + step]
             z = F.linear(hi, weight, bias)                                    # (n, V)
-            y = z if softcap is None else softcap * torch.tanh(z / softcap)
-            logits = y.new_empty(len(h), len(weight)) if logits is None else logits
-            logits[rows] = y
-            y = y.float()
+            y = (z if softcap is None else softcap * torch.tanh(z / softcap)).float()
             lse = y.logsumexp(-1)                                             # (n,)
             t = targets[rows].clamp_min(0)[:, None]                           # (n, 1)
             loss = loss + ((lse - y.gather(1, t).squeeze(1)) * valid[rows]).sum()
-            if not any(need):
-                continue
             g = y.sub_(lse[:, None]).exp_()                     # softmax, over y's memory
             g.scatter_add_(1, t, torch.full_like(g[:, :1], -1.0))          # minus the one-hot
             g.mul_(share[rows, None])                                         # d loss / d logits
             if softcap is not None:                             # d cap·tanh(z/cap) / dz
-                g.mul_(1 - (logits[rows].float() / softcap) ** 2)
-            if need[2]:
-                acc[2] += g.sum(0)
+                g.mul_(1 - torch.tanh(z.float() / softcap) ** 2)
+            if db is not False:
+                db += g.sum(0)
             g = g.to(z.dtype)                                   # autocast: as backward would
-            if need[0]:
-                acc[0][rows] = g @ weight
-            if need[1] and g.dtype == torch.float32:
-                acc[1].addmm_(g.t(), hi)  # in place: a (V, E) temporary costs more than this
-            elif need[1]:
-                acc[1] += g.t() @ hi
-        ctx.save_for_backward(h, weight, bias)
-        ctx.softcap, ctx.acc = softcap, acc
-        ctx.set_materialize_grads(False)
-        return loss / count, logits
+            if dh is not False:
+                dh[rows] = g @ weight
+            if dw is not False and g.dtype == torch.float32:
+                dw.addmm_(g.t(), hi)      # in place: a (V, E) temporary costs more than this
+            elif dw is not False:
+                dw += g.t() @ hi
+        ctx.dtypes = [t is not None and t.dtype for t in (h, weight, bias)]
+        return loss / count
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, d_loss, d_logits):
-        h, weight, bias = ctx.saved_tensors
-        grads = [None if a is None or d_loss is None else a.mul_(d_loss) for a in ctx.acc]
-        ctx.acc = None                                      # free them now, not with the graph
-        if d_logits is not None:  # the caller's own loss on the logits (rare: full size, fp32)
-            dz = d_logits.float()
-            if ctx.softcap is not None:
-                dz = dz * (1 - torch.tanh(F.linear(h, weight, bias).float() / ctx.softcap) ** 2)
-            extra = (dz @ weight.float(), dz.t() @ h.float(), dz.sum(0))
-            grads = [e if g is None else g + e for g, e in zip(grads, extra)]
-        return (*[g.to(t.dtype) if g is not None and n else None
-                  for g, t, n in zip(grads, (h, weight, bias), ctx.needs_input_grad)],
-                None, None, None)
+    def backward(ctx, d_loss):
+        grads, ctx.grads = ctx.grads, None                  # freed now, not with the graph
+        return (*[g.mul_(d_loss).to(dt) if g is not False else None
+                  for g, dt in zip(grads, ctx.dtypes)], None, None)
 
 
 class Transformer(nn.Module):
@@ -1736,18 +1718,18 @@ class Transformer(nn.Module):
 
     def lm_logits(self, x, targets=None):
         """Final states x (B, T, C) -> (logits (B, T, V), mean cross-entropy over targets != -1,
-        or None without targets). With targets the head and its loss run fused, in row blocks
-        (LinearCrossEntropy): no (B, T, V) fp32 tensor is kept for backward. A head that is not a
-        Linear (decoding.quantize's int8) runs unfused."""
-        cfg = self.config
+        or None without targets). A training call (targets, grad on) whose vocabulary is wider than
+        the head's input runs the head fused with its loss (LinearCrossEntropy): no (B, T, V)
+        tensor is made whole or kept for backward, and logits is None. decoding.quantize's int8
+        head runs unfused."""
+        cfg, head = self.config, self.lm_head
         if cfg.head_input_scale is not None:
             x = x * cfg.head_input_scale
         h = self.head_transform(x)                                        # (B, T, E)
-        if targets is not None and isinstance(self.lm_head, nn.Linear):
-            loss, logits = LinearCrossEntropy.apply(h.flatten(0, -2), self.lm_head.weight,
-                                                    self.lm_head.bias, targets.reshape(-1),
-                                                    cfg.final_softcap, torch.is_grad_enabled())
-            return logits.view(*h.shape[:-1], -1), loss
+        if (targets is not None and torch.is_grad_enabled() and isinstance(head, nn.Linear)
+                and head.out_features > head.in_features):
+            return None, LinearCrossEntropy.apply(h.flatten(0, -2), head.weight, head.bias,
+                                                  targets.reshape(-1), cfg.final_softcap)
         logits = self.lm_head(h)                                          # (B, T, V)
         if cfg.final_softcap is not None:
             logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)

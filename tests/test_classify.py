@@ -8,9 +8,9 @@ text (an encoder, a decoder, an encoder with SiFT); train.py fine-tuning from a 
 GPT-2 directory with their own tokenizer.json, exported (--export=hf) as *ForSequenceClassification
 with equal logits and loaded back; generate.py --classify; one-line errors.
 SiFT (train.py): the perturbation and the loss term against a DeBERTa-style reference written here.
-Memory (model.py): the fused LM head + cross-entropy gives the loss and gradients of full logits
-into F.cross_entropy; with grad_checkpoint a step's peak of live tensor bytes is at most a third
-of the peak without.
+Memory (model.py): a training call's LM head fused with its cross-entropy gives the loss and
+gradients of full logits into F.cross_entropy, and keeps nothing logit-sized for backward; with
+grad_checkpoint a step's peak of live tensor bytes is at most a third of the peak without.
 """
 import contextlib
 import copy
@@ -473,13 +473,12 @@ HEADS = {"tied": {}, "softcap_bias_untied": dict(final_softcap=3.0, head_bias=Tr
 
 
 @pytest.mark.parametrize("head", HEADS)
-@pytest.mark.parametrize("extra", [False, True], ids=["loss", "loss+logits"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_fused_head_equals_full_logits(monkeypatch, head, extra, dtype):
-    """Loss, logits and every gradient as full logits into F.cross_entropy give them, with
-    ignored targets, several row blocks and, with `extra`, a loss of the caller's on the logits
-    too; fp32 to rounding, bf16 autocast to bf16's precision."""
-    monkeypatch.setattr(model_py, "CE_CHUNK", 300 * 7)                # blocks of 7 rows
+def test_training_call_equals_full_logits(monkeypatch, head, dtype):
+    """A training call's loss and every gradient as full logits into F.cross_entropy give them,
+    with ignored targets and several row blocks; fp32 to rounding,
+    bf16 autocast to bf16's precision."""
+    monkeypatch.setattr(model_py, "CE_CHUNK", 300 * 7)                # chunks of 7 rows
     torch.manual_seed(0)
     model = Transformer(Config(vocab_size=300, block_size=32, n_layer=2, n_head=2, d_model=32,
                                **HEADS[head]))
@@ -489,18 +488,14 @@ def test_fused_head_equals_full_logits(monkeypatch, head, extra, dtype):
     for fused in (True, False):
         model.zero_grad()
         with torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bf16"):
-            if fused:
-                out = model(ids, targets)
-                logits, loss = out.logits, out.loss
-            else:
-                logits, loss = full_logits_loss(model, ids, targets)
-            total = 3 * loss + ((logits.float() ** 2).mean() if extra else 0)
-        total.backward()
-        results.append((loss, logits, {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (loss, logits, grads), (ref_loss, ref_logits, ref_grads) = results
+            out = model(ids, targets) if fused else None
+            loss = out.loss if fused else full_logits_loss(model, ids, targets)[1]
+        (3 * loss).backward()
+        results.append((out, loss, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (out, loss, grads), (_, ref_loss, ref_grads) = results
+    assert out.logits is None                                          # fused: none made
     tol = dict(rtol=0, atol=1e-6) if dtype == "fp32" else dict(rtol=0, atol=1e-3)
     torch.testing.assert_close(loss, ref_loss, **tol)
-    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
     for name, g in ref_grads.items():
         if "k_proj.bias" in name:                  # softmax ignores it: zero up to rounding
             continue
@@ -509,22 +504,27 @@ def test_fused_head_equals_full_logits(monkeypatch, head, extra, dtype):
         assert err < (1e-5 if dtype == "fp32" else 3e-2), (name, err.item())
 
 
-def test_fused_head_without_grad_and_without_targets():
+def test_eval_call_and_a_narrow_vocabulary_return_logits():
+    """Without grad, or with a vocabulary no wider than the head's input (char-level), the head
+    runs unfused: logits as without targets, the loss F.cross_entropy's."""
     torch.manual_seed(0)
-    model = Transformer(Config(vocab_size=64, block_size=16, n_layer=1, n_head=2, d_model=16))
-    ids = torch.randint(0, 64, (2, 8))
-    targets = torch.full((2, 8), -1)
-    with torch.no_grad():
-        out = model(ids, targets)
-        ref_logits, ref_loss = full_logits_loss(model, ids, targets)
-    assert out.loss.isnan() and ref_loss.isnan()                       # nothing to predict
-    torch.testing.assert_close(out.logits, model(ids).logits, rtol=0, atol=0)
-    out = model(ids, targets)
-    out.loss.backward()                                     # F.cross_entropy's: zero gradients
-    assert all(p.grad.abs().max() == 0 for p in model.parameters())
+    for vocab in (64, 8):
+        model = Transformer(Config(vocab_size=vocab, block_size=16, n_layer=1, n_head=2,
+                                   d_model=16))
+        ids, targets = torch.randint(0, vocab, (2, 8)), torch.randint(0, vocab, (2, 8))
+        targets[0] = -1
+        for grad in (False, True) if vocab == 8 else (False,):
+            with torch.set_grad_enabled(grad):
+                out = model(ids, targets)
+                ref_logits, ref_loss = full_logits_loss(model, ids, targets)
+            torch.testing.assert_close(out.logits, ref_logits, rtol=0, atol=0)
+            torch.testing.assert_close(out.loss, ref_loss, rtol=0, atol=0)
+    out = Transformer(Config(vocab_size=64, block_size=16, n_layer=1, n_head=2, d_model=16))(
+        ids, torch.full((2, 8), -1))
+    assert out.logits is None and out.loss.isnan()                     # nothing to predict
 
 
-def test_fused_head_saves_nothing_logit_sized_for_backward():
+def test_training_call_saves_nothing_logit_sized_for_backward():
     """F.cross_entropy keeps a (B*T, V) fp32 log-softmax until backward; the fused head keeps
     nothing that size (its gradients are (B*T, C) and (V, C))."""
     torch.manual_seed(0)
@@ -540,7 +540,7 @@ def test_fused_head_saves_nothing_logit_sized_for_backward():
             else:
                 full_logits_loss(model, ids[:, :-1], ids[:, 1:])
         largest[fused] = max(t.numel() for t in saved)
-    assert largest == {True: 2048 * 32, False: 2 * 64 * 2048}          # W; the log-softmax
+    assert largest[True] <= 2048 * 32 and largest[False] == 2 * 64 * 2048   # <= W; log-softmax
 
 
 def live_peak(model, ids, existing):
