@@ -40,6 +40,7 @@ import torch
 from data.objectives import checkpoint_specials, class_probs
 from data.tokenizers import ObjectiveTokenizer, get_tokenizer, hf_tokenizer
 from decoding import QUANTIZERS, beam_search, quantize, speculative_generate
+from hf import hub_dir
 from model import Transformer, check_sampling, from_checkpoint, load_checkpoint
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -84,7 +85,8 @@ def parse_args(argv):
     p = Parser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a ckpt.pt written by train.py")
-    src.add_argument("--hf", help="a HF-format directory: config.json, safetensors, tokenizer.json")
+    src.add_argument("--hf", help="a HF-format directory (config.json, safetensors, "
+                     "tokenizer.json) or a Hub model id (gpt2, org/name: downloaded once)")
     given = p.add_mutually_exclusive_group()
     given.add_argument("--prompt", help="decoder_only: the text to continue (default a newline)")
     given.add_argument("--prompt_file", help="decoder_only: read the prompt from this file")
@@ -118,7 +120,8 @@ def parse_args(argv):
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (a "
                    "one-time compile, then less per-token overhead; CUDA graphs on a GPU)")
     p.add_argument("--draft", help="speculative decoding: a smaller model over the same "
-                   "vocabulary (a ckpt.pt or a HF-format directory) drafts tokens the model checks")
+                   "vocabulary (a ckpt.pt, a HF-format directory or a Hub id) drafts tokens the "
+                   "model checks")
     p.add_argument("--draft_tokens", type=int, default=4, help="tokens drafted per check")
     p.add_argument("--num_beams", type=int, default=1, help="beam search with this many beams")
     p.add_argument("--length_penalty", type=finite, default=1.0, help="beam search: a finished "
@@ -204,7 +207,7 @@ def load(args):
         if objective == "classify":  # class_probs frames the text itself
             return Loaded(model, tok, tok.tok.encode, (), None, 0, tuple(ckpt["classes"]))
         return Loaded(model, tok, tok.encode, (tok.eos,), tok.mask_id, tok.base)
-    hf_dir = Path(args.hf)
+    hf_dir = hub_dir(args.hf)
     model = load_hf_model(hf_dir)
     arch = model.config.architecture
     try:
@@ -506,7 +509,7 @@ def load_draft(path, arch):
     only the vocabulary to match, which speculative_generate checks; a poor draft costs speed)."""
     if arch != "decoder_only":
         raise ValueError(f"--draft drafts for a decoder_only model; this one is {arch}")
-    path = Path(path)
+    path = hub_dir(path)
     return load_hf_model(path) if path.is_dir() else from_checkpoint(load_checkpoint(path))
 
 

@@ -14,13 +14,19 @@ save_pretrained inverts each part: *_hf functions write config.json, UNDO undoes
 reverse order, invert() turns a key table around. Which family: the first whose round trip (its
 *_hf, then its import translation) gives back every field that takes effect in our config
 (hf_config); a config no family expresses is a one-line ValueError naming the field.
+A Hugging Face Hub model id (gpt2, org/name) stands for the directory hub_dir downloads it to once.
 """
 import dataclasses
+import http.client
 import json
 import math
 import os
 import re
+import shutil
 import string
+import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -519,6 +525,77 @@ PREFIXES = {"model.language_model.": "model."}         # multimodal Gemma 3: the
 # ----------------------------------------------------------------------------------------------
 # 4. Reading the files
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # gpt2, meta-llama/Llama-3.2-1B
+HUB_FILES = ("config.json", "generation_config.json", "tokenizer.json")  # all this repo reads
+
+
+def hub_dir(name, weights=True) -> Path:
+    """A local path as it is; else a Hugging Face Hub model id (gpt2, org/name), whose config,
+    tokenizer and (weights) safetensors are downloaded once into $ANYFORMER_CACHE (default
+    ~/.cache/anyformer) and read from there afterwards. $HF_TOKEN opens gated models, and
+    $HF_ENDPOINT names another Hub. Never a .bin file: loading never unpickles."""
+    path = Path(name)
+    if path.exists() or not HUB_ID.fullmatch(str(name)) or path.suffix in (".pt", ".json"):
+        return path
+    root = Path(os.environ.get("ANYFORMER_CACHE") or Path.home() / ".cache" / "anyformer")
+    local = root / str(name).replace("/", "--")
+    done = local / (".complete" if weights else ".tokenizer")      # every file there: no request
+    if done.is_file() or (local / ".complete").is_file():
+        return local
+    hub = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    get = lambda file, need=False: hub_file(f"{hub}/{name}/resolve/main/{file}", local / file,
+                                            name, need)
+    for file in HUB_FILES:
+        get(file, need=file == "config.json")
+    if weights and get("model.safetensors.index.json"):
+        shards = read_json(local / "model.safetensors.index.json").get("weight_map", {})
+        for file in sorted(set(shards.values())):
+            get(file, need=True)
+    elif weights and not get("model.safetensors"):
+        raise ValueError(f"{name} on the Hub has no model.safetensors (nor an index of shards); "
+                         f"anyformer loads safetensors only, never pickled .bin weights")
+    done.touch()
+    return local
+
+
+def hub_file(url, path: Path, name, need) -> bool:
+    """Download url to path (atomically: complete or absent) unless it is there: True, or False
+    where the Hub has no such file and need is False."""
+    if path.is_file():
+        return True
+    request = urllib.request.Request(url)
+    if os.environ.get("HF_TOKEN"):  # to the Hub only, not to the storage it redirects weights to
+        request.add_unredirected_header("Authorization", f"Bearer {os.environ['HF_TOKEN']}")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # torchrun's ranks each write their own
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            size = int(r.headers.get("Content-Length") or 0)
+            print(f"downloading {name}: {path.name} ({size / 1e6:,.1f} MB) to {path.parent}",
+                  file=sys.stderr)
+            with open(tmp, "wb") as f:
+                shutil.copyfileobj(r, f, 1 << 20)
+            if size and tmp.stat().st_size != size:
+                raise OSError(f"the connection closed after {tmp.stat().st_size:,} of {size:,} "
+                              f"bytes of {path.name}; run again")
+    except urllib.error.HTTPError as e:
+        if e.code == 404 and not need:
+            return False
+        why = {401: "no such model, or a gated or private one: check the name; for a gated "
+                    "model accept its license on the Hub and set HF_TOKEN",
+               403: "a gated model: accept its license on the Hub and set HF_TOKEN",
+               404: f"the Hub has no {path.name} for it"}.get(e.code, e.reason)
+        raise ValueError(f"{name} is no local path, and the Hub answers HTTP {e.code} for {url}: "
+                         f"{why}") from None
+    except (OSError, http.client.HTTPException) as e:  # unreachable, timed out, cut short
+        tmp.unlink(missing_ok=True)
+        raise ValueError(f"{name} is no local path, and downloading it from the Hub failed ({e}); "
+                         f"pass a local directory (huggingface-cli download {name} --local-dir "
+                         f"DIR)") from None
+    os.replace(tmp, path)
+    return True
+
+
 
 def read_json(path) -> dict:
     try:
@@ -635,8 +712,8 @@ def tie_shared(sd, model):
 
 def from_pretrained(hf_dir):
     """Build a Transformer from a HF-format directory (config.json + safetensors) of a family in
-    FAMILIES; the model is returned in eval mode."""
-    hf_dir = Path(hf_dir)
+    FAMILIES, or a Hub model id (hub_dir downloads it once); the model is returned in eval mode."""
+    hf_dir = hub_dir(hf_dir)
     path = hf_dir / "config.json"
     if not path.is_file():
         raise ValueError(f"{hf_dir} has no config.json; pass a directory written by "

@@ -26,8 +26,9 @@ that has one classifies a .tsv file by default). The objectives frame examples w
 tokenizer.json's own special tokens ([CLS], [MASK], </s>, <extra_id_0>, ...) where it has them all,
 else with ours appended after the tokenizer's ids.
 --init_from starts from the weights, config and tokenizer of a checkpoint or a HF-format directory
-(model keys may then only change what keeps the weights' shapes: dropout, grad_checkpoint, a
-smaller block_size, ...); --resume continues such a run as any other.
+(a Hub model id such as gpt2 is downloaded once into ~/.cache/anyformer); model keys may then only
+change what keeps the weights' shapes (dropout, grad_checkpoint, a smaller block_size, ...);
+--resume continues such a run as any other.
 Writes to out_dir: ckpt.pt (last; resumable), ckpt_best.pt (weights of the best val loss),
 metrics.jsonl, data/ (the tokenised corpus) and, with --export, model_fp16.pt / model_bf16.pt or
 hf/ (config.json, model.safetensors, tokenizer.json: what transformers' Auto classes load; a
@@ -83,7 +84,15 @@ from data.prepare import (
     load_tokens,
     prepare,
 )
-from hf import check_target, class_names, from_pretrained, hf_config, read_json, save_pretrained
+from hf import (
+    check_target,
+    class_names,
+    from_pretrained,
+    hf_config,
+    hub_dir,
+    read_json,
+    save_pretrained,
+)
 from model import (
     FOREIGN_KEYS,
     Config,
@@ -141,7 +150,7 @@ class TrainConfig:
     sift_weight: float = 1.0          # weight of the term in the loss
     segments: int = 1                 # block-recurrent: calls per window, state carried, BPTT cut
     # starting point: fine-tuning
-    init_from: str | None = None      # start from a ckpt.pt, a ckpt_best.pt or a HF-format dir
+    init_from: str | None = None      # start from a ckpt.pt, ckpt_best.pt, HF-format dir or Hub id
     # output, evaluation, sampling
     out_dir: str = "out"
     resume: bool = False              # continue out_dir/ckpt.pt: weights, optimizer, RNG, data
@@ -216,8 +225,8 @@ class TrainConfig:
             "seed": (0 <= self.seed < 2 ** 63, "in [0, 2**63)"),
             "data": (self.data != "", "a text file, a prepared directory or a corpus name"),
             "out_dir": (self.out_dir != "", "a directory"),
-            "init_from": (self.init_from != "", "a checkpoint file or a HF-format directory, or "
-                          "null"),
+            "init_from": (self.init_from != "", "a checkpoint file, a HF-format directory, a Hub "
+                          "model id, or null"),
             "eval_only": (not self.eval_only or self.init_from is not None or self.resume,
                           "false unless there are weights to evaluate: pass --init_from=PATH or "
                           "--resume"),
@@ -484,8 +493,9 @@ HF_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 def load_init(path) -> Init:
     """--init_from: a HF-format directory (hf.from_pretrained, its tokenizer.json if it has one) or
-    a checkpoint of ours (ckpt.pt, ckpt_best.pt, an fp16/bf16 export; its tokenizer)."""
-    path = Path(path)
+    a checkpoint of ours (ckpt.pt, ckpt_best.pt, an fp16/bf16 export; its tokenizer); a Hub model
+    id (gpt2, org/name) is such a directory once hf.hub_dir has downloaded it."""
+    path = hub_dir(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"init_from={str(path)!r} is a directory without config.json, so not "

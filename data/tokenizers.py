@@ -887,8 +887,12 @@ class HFTokenizer:
 
 def hf_tokenizer(path):
     """The tokenizer of a HF tokenizer.json: the file, a directory holding one, or a checkpoint of
-    ours (.pt) trained with one, which keeps a copy (--init_from=ckpt_best.pt takes it so)."""
+    ours (.pt) trained with one, which keeps a copy (--init_from=ckpt_best.pt takes it so), or a
+    Hub model id (gpt2, org/name), whose tokenizer.json is downloaded once (hf.hub_dir)."""
     path = Path(path)
+    if not path.exists():
+        from hf import hub_dir  # lazy: only a Hub id needs it (and it imports torch)
+        path = hub_dir(path, weights=False)
     if path.suffix == ".pt":
         from model import load_checkpoint  # lazy: only this path needs the model's loader
         meta = load_checkpoint(path, mmap=True).get("tokenizer") or {}  # no weights read

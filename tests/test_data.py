@@ -336,7 +336,9 @@ def test_prepare_cli_with_hf_tokenizer(tmp_path, hf_dir, corpus):
     (["missing.txt"], "data 'missing.txt' does not exist"),
     (["TEXT", "--vocab_size", "many"], "argument --vocab_size: invalid int value: 'many'"),
     (["TEXT", "--tokenizer", "gtp2"], "did you mean 'gpt2'"),
-    (["TEXT", "--tokenizer", "hf:nowhere"], "tokenizer file nowhere does not exist"),
+    (["TEXT", "--tokenizer", "hf:nowhere.json"], "tokenizer file nowhere.json does not exist"),
+    (["TEXT", "--tokenizer", "hf:nowhere"], "nowhere is no local path, and downloading it from "
+                                            "the Hub failed"),
     (["TEXT", "--tokenizer", "hf:BADJSON"], "is not JSON"),
     (["LATIN1"], "is not UTF-8 text (byte 0xe9 at offset 3)"),
     (["TEXT", "--bogus"], "unrecognized arguments: --bogus"),
