@@ -547,6 +547,8 @@ def hub_dir(name, weights=True) -> Path:
                                             name, need)
     for file in HUB_FILES:
         get(file, need=file == "config.json")
+    if weights:  # a family we do not import is refused before its weights are downloaded
+        text_model(read_json(local / "config.json"))
     if weights and get("model.safetensors.index.json"):
         shards = read_json(local / "model.safetensors.index.json").get("weight_map", {})
         for file in sorted(set(shards.values())):
@@ -710,6 +712,17 @@ def tie_shared(sd, model):
             sd.setdefault(n, sd[src])
 
 
+def text_model(hf) -> tuple:
+    """(the config.json dict, its FAMILIES key); a multimodal config's text model's."""
+    hf = {**hf, **hf.get("text_config", {})}
+    family = hf.get("model_type")
+    family = "gemma3_text" if family == "gemma3" else family
+    if family not in FAMILIES:
+        raise ValueError(f"HF model_type {family!r} is not supported; supported: "
+                         f"{sorted(FAMILIES)}")
+    return hf, family
+
+
 def from_pretrained(hf_dir):
     """Build a Transformer from a HF-format directory (config.json + safetensors) of a family in
     FAMILIES, or a Hub model id (hub_dir downloads it once); the model is returned in eval mode."""
@@ -718,13 +731,7 @@ def from_pretrained(hf_dir):
     if not path.is_file():
         raise ValueError(f"{hf_dir} has no config.json; pass a directory written by "
                          f"save_pretrained()")
-    hf = read_json(path)
-    hf = {**hf, **hf.get("text_config", {})}
-    family = hf.get("model_type")
-    family = "gemma3_text" if family == "gemma3" else family  # multimodal: read the text model
-    if family not in FAMILIES:
-        raise ValueError(f"HF model_type {family!r} is not supported; supported: "
-                         f"{sorted(FAMILIES)}")
+    hf, family = text_model(read_json(path))
     make_config, keys, reshapes = FAMILIES[family]
     _, classifier, pooler = SEQUENCE_CLASSIFIERS.get(family, (None, {}, None))
     try:

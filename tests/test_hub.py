@@ -6,7 +6,8 @@ small random HF models that transformers saved, laid out as the Hub's `<id>/reso
 A download must give the model the local directory gives, be made once (the next load sends no
 request), fetch a sharded checkpoint's every shard and only a tokenizer for --tokenizer, send
 HF_TOKEN to a gated model, and fail in one line naming the cause: no such model, a gated one
-without a token, .bin weights only (never unpickled), an unreachable Hub. A local path wins.
+without a token, .bin weights only (never unpickled), a download cut short, a model_type we do not
+import (refused before its weights are fetched), an unreachable Hub. A local path wins.
 """
 import http.server
 import threading
@@ -46,6 +47,10 @@ def hub(tmp_path_factory):
     pickled.mkdir(parents=True)
     hf.config.to_json_file(pickled / "config.json")
     torch.save(hf.state_dict(), pickled / "pytorch_model.bin")
+    whisper = root / "org" / "whisper" / "resolve" / "main"
+    whisper.mkdir(parents=True)
+    (whisper / "config.json").write_text('{"model_type": "whisper"}')
+    (whisper / "model.safetensors").write_bytes(b"\0" * 1000)
     seen = []
 
     class Hub(http.server.SimpleHTTPRequestHandler):
@@ -124,12 +129,15 @@ def test_a_gated_model_needs_hf_token(env, monkeypatch):
     ("org/missing", "HTTP 404 .*no config.json"),
     ("org/pickled", "no model.safetensors .*never pickled .bin"),
     ("org/cut", "connection closed after 1,000 of 100,000 bytes of model.safetensors"),
+    ("org/whisper", "model_type 'whisper' is not supported"),          # before its weights
 ])
 def test_what_cannot_be_downloaded_is_one_line(env, repo, message, tmp_path):
     with pytest.raises(ValueError, match=message) as e:
         from_pretrained(repo)
     assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
     assert not list((tmp_path / "cache").rglob("*.tmp"))            # nothing half-written stays
+    if repo == "org/whisper":
+        assert not any(p.endswith(".safetensors") for p, _ in env)
 
 
 def test_an_unreachable_hub_names_the_way_out(env, monkeypatch):
