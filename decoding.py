@@ -23,7 +23,9 @@ from model import (
     apply_repetition_penalty,
     check_ids,
     check_inputs,
+    check_room,
     check_sampling,
+    decode_step,
     first_stop,
     left_pad,
     sampling_probs,
@@ -251,11 +253,7 @@ def speculative_generate(target, draft, input_ids, max_new_tokens, draft_tokens=
                          f"of drafts); got a batch of {input_ids.shape[0]}")
     T, total = input_ids.shape[1], input_ids.shape[1] + max_new_tokens
     for m in (target, draft):
-        cfg = m.config
-        if T > cfg.block_size or (cfg.positions_bounded and total > cfg.block_size):
-            raise ValueError(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} exceeds the "
-                             f"context of {cfg.block_size} tokens; shorten the prompt or ask for "
-                             f"fewer tokens")
+        check_room(m.config, T, max_new_tokens)
     dist = Distributions(temperature, repetition_penalty, dict(top_k=top_k, top_p=top_p,
                                                                  min_p=min_p))
     # the target verifies k + 1 tokens at once; the draft catches up on 2 after a full accept
@@ -342,10 +340,7 @@ def beam_search(model, input_ids, max_new_tokens, num_beams=4, length_penalty=1.
     check_ids(ids, cfg.vocab_size)
     B, nb, V = ids.shape[0], num_beams, cfg.vocab_size
     if cfg.architecture == "encoder_decoder":
-        dec = model.decoder.config
-        if dec.positions_bounded and 1 + max_new_tokens > dec.block_size:
-            raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the decoder context of "
-                             f"{dec.block_size} tokens; ask for fewer tokens")
+        check_room(model.decoder.config, 1, max_new_tokens)
         memory = model.encoder.hidden(ids, attention_mask=attention_mask).repeat_interleave(nb, 0)
         mask = None if attention_mask is None else attention_mask.repeat_interleave(nb, 0)
         cache = model.setup_cache(B * nb, 1 + max_new_tokens, device=ids.device)
@@ -355,15 +350,10 @@ def beam_search(model, input_ids, max_new_tokens, num_beams=4, length_penalty=1.
     else:
         if attention_mask is not None:
             raise ValueError("a decoder's beam search pads prompts itself: pass them as a list")
-        T = ids.shape[1]
-        if T > cfg.block_size or (cfg.positions_bounded and T + max_new_tokens > cfg.block_size):
-            raise ValueError(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} exceeds the "
-                             f"context of {cfg.block_size} tokens; shorten the prompt or ask for "
-                             f"fewer tokens")
-        cache = model.setup_cache(B * nb, T + max_new_tokens, device=ids.device)
+        check_room(cfg, ids.shape[1], max_new_tokens)
+        cache = model.setup_cache(B * nb, ids.shape[1] + max_new_tokens, device=ids.device)
         mask = None if keep is None else keep.repeat_interleave(nb, 0)
-        step = lambda x, pos: model(x, cache=cache, input_pos=pos,
-                                    attention_mask=mask).logits[:, -1]
+        step = lambda x, pos: decode_step(model, x, pos, cache, mask)
     prompt_len = ids.shape[1]
     max_len, dev = prompt_len + max_new_tokens, ids.device
     n_cand = max(2, 1 + len(stop_tokens)) * nb               # candidates kept per step

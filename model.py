@@ -1730,7 +1730,7 @@ class Transformer(nn.Module):
                 and head.out_features > head.in_features):
             return None, LinearCrossEntropy.apply(h.flatten(0, -2), head.weight, head.bias,
                                                   targets.reshape(-1), cfg.final_softcap)
-        logits = self.lm_head(h)                                          # (B, T, V)
+        logits = head(h)                                                  # (B, T, V)
         if cfg.final_softcap is not None:
             logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
         if targets is None:
@@ -1959,8 +1959,7 @@ class Transformer(nn.Module):
         def step(seq, pos):
             if crop and int(pos[-1]) >= crop:
                 return self(seq[:, -crop:]).logits[:, -1]
-            return self(seq[:, -len(pos):], cache=cache, input_pos=pos,
-                        attention_mask=keep).logits[:, -1]
+            return decode_step(self, seq[:, -len(pos):], pos, cache, keep)
         if not compile:
             return step
         fast = torch.compile(decode_step, mode="reduce-overhead" if cuda else None)
@@ -2023,10 +2022,8 @@ class EncoderDecoder(Transformer):
         check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
         check_inputs(input_ids, attention_mask=attention_mask)
         check_ids(input_ids, self.config.vocab_size)
-        B, dec = input_ids.shape[0], self.decoder.config
-        if dec.positions_bounded and 1 + max_new_tokens > dec.block_size:
-            raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the decoder context of "
-                             f"{dec.block_size} tokens; ask for fewer tokens")
+        B = input_ids.shape[0]
+        check_room(self.decoder.config, 1, max_new_tokens)
         memory = self.encoder.hidden(input_ids, attention_mask=attention_mask)
         cache = self.setup_cache(B, 1 + max_new_tokens, device=input_ids.device)
         step = lambda seq, pos: self(None, seq[:, -len(pos):], attention_mask=attention_mask,
@@ -2074,7 +2071,8 @@ def sample_loop(step, seq, max_new_tokens, temperature, generator, repetition_pe
 
 
 def decode_step(model, ids, pos, cache, keep):
-    """One cached step's next-token logits (B, V): what generate(compile=True) compiles."""
+    """The next-token logits (B, V) after ids (B, T) at positions pos, through the cache: a
+    generate step (what compile=True compiles) and a beam search step."""
     return model(ids, cache=cache, input_pos=pos, attention_mask=keep).logits[:, -1]
 
 
@@ -2098,6 +2096,14 @@ def first_stop(new, stop_tokens):
     """How many of the new tokens (n,) to keep: up to and including the first stop token."""
     hits = [i for i, t in enumerate(new.tolist()) if t in stop_tokens]
     return hits[0] + 1 if hits else len(new)
+
+
+def check_room(cfg, T, max_new_tokens):
+    """The room a decode that cannot crop needs: T tokens (a prompt, an encoder-decoder's start
+    token) and, where positions end at block_size, max_new_tokens more."""
+    if T > cfg.block_size or (cfg.positions_bounded and T + max_new_tokens > cfg.block_size):
+        raise ValueError(f"{T} + max_new_tokens={max_new_tokens} tokens exceed the context of "
+                         f"{cfg.block_size} tokens; shorten the prompt or ask for fewer tokens")
 
 
 def check_sampling(temperature, top_k, top_p, min_p, repetition_penalty):

@@ -283,10 +283,12 @@ def test_speculative_refusals_are_one_line():
     t = model_of("rope_gqa")
     cases = [(model_of("deltanet"), t, torch.tensor([[1, 2]]), "rewind"),
              (t, model_of("rope_gqa", vocab_size=50), torch.tensor([[1, 2]]), "vocabulary"),
-             (t, t, torch.tensor([[1, 2], [3, 4]]), "one sequence")]
+             (t, t, torch.tensor([[1, 2], [3, 4]]), "one sequence"),
+             (model_of("learned"), t, torch.tensor([[1, 2]]), "2 + max_new_tokens=63 tokens "
+              "exceed the context of 64 tokens")]             # no cropping with a verified chunk
     for target, draft, x, message in cases:
         with pytest.raises(ValueError) as e:
-            speculative_generate(target, draft, x, 4)
+            speculative_generate(target, draft, x, 63 if "context" in message else 4)
         assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -407,6 +409,8 @@ def test_batch_with_stop_tokens_and_a_bounded_context():
     assert all(stop not in row[len(p):-1] for p, row in zip(PROMPTS, got))
     with pytest.raises(ValueError, match="within the position table"):
         m.generate(PROMPTS, 64, temperature=0)
+    with pytest.raises(ValueError, match=r"9 \+ max_new_tokens=56 tokens exceed the context of 64"):
+        beam_search(m, PROMPTS, 56)                          # beams reorder the cache: no cropping
     for bad in ([], [[]], [[1, 2], "ab"]):
         with pytest.raises(ValueError, match="list of prompts"):
             m.generate(bad, 3)

@@ -179,7 +179,7 @@ def test_generation_length_limit():
     src, mask = source()
     kw = dict(max_new_tokens=12, temperature=0, attention_mask=mask)
     assert enhanced(block_size=8).generate(src, **kw).shape == (2, 13)
-    with pytest.raises(ValueError, match="exceeds the decoder context of 8 tokens"):
+    with pytest.raises(ValueError, match=r"1 \+ max_new_tokens=12 tokens exceed the context of 8"):
         enhanced(block_size=8, position="learned").generate(src, **kw)
 
 
